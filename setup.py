@@ -1,0 +1,19 @@
+"""Packaging glue that pyproject.toml cannot express.
+
+* The top-level folder ``kernels/`` ships as ``prefixrt.kernels``: PyPI already has a package named
+  ``kernels`` (Hugging Face's) that transformers probes for, so we must never install a top-level ``kernels``.
+* ``csrc/`` (the C++ CPU kernels) is compiled on first use by ``torch.utils.cpp_extension.load`` and cached,
+  so installing needs no compiler; see ``prefixrt/ops/cpp_backend.py``.
+"""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["prefixrt", "prefixrt.*"]) + ["prefixrt.kernels"]
+packages += [f"prefixrt.kernels.{p}" for p in find_packages(where="kernels")]
+
+setup(
+    packages=packages,
+    package_dir={"prefixrt": "prefixrt", "prefixrt.kernels": "kernels"},
+    package_data={"prefixrt": ["csrc/*"]},
+    include_package_data=True,
+)
