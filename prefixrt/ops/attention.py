@@ -34,7 +34,9 @@ def check_attention_inputs(
             t.dim() == 4 and t.shape[0] == batch and t.shape[1] == heads and t.shape[3] == head_dim,
             f"{name} must be [B={batch}, H={heads}, Tk, D={head_dim}], got shape {tuple(t.shape)}",
         )
-    _expect(k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _expect(
+        k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    )
     for name, t in (("bank_k", bank_k), ("bank_v", bank_v)):
         _expect(
             t.dim() == 3 and t.shape[0] == heads and t.shape[2] == head_dim,
@@ -56,8 +58,14 @@ def check_attention_inputs(
         )
     for name, t in (("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v)):
         _expect(t.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    for name, t in (("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v), ("prefix_ids", prefix_ids),
-                    ("bank_offsets", bank_offsets)):
+    for name, t in (
+        ("k", k),
+        ("v", v),
+        ("bank_k", bank_k),
+        ("bank_v", bank_v),
+        ("prefix_ids", prefix_ids),
+        ("bank_offsets", bank_offsets),
+    ):
         _expect(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
 
 

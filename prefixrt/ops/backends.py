@@ -54,7 +54,9 @@ class AttentionCall:
     requires_grad: bool
 
     @staticmethod
-    def of(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float, requires_grad: bool) -> AttentionCall:
+    def of(
+        q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float, requires_grad: bool
+    ) -> AttentionCall:
         return AttentionCall(
             device_type=q.device.type,
             dtype=q.dtype,
@@ -122,7 +124,9 @@ def resolve_name(backend: str | None) -> str:
     if name == "auto":
         name = os.environ.get("PREFIXRT_BACKEND", "auto") or "auto"
     if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES} (or PREFIXRT_BACKEND set to one), got {name!r}")
+        raise ValueError(
+            f"backend must be one of {BACKEND_NAMES} (or PREFIXRT_BACKEND set to one), got {name!r}"
+        )
     return name
 
 

@@ -64,8 +64,25 @@ def prefix_attention_backward_op(
 
 
 @prefix_attention_backward_op.register_fake
-def _(dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, out, lse, backend):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, bank_k, bank_v))
+def _(
+    dout,
+    q,
+    k,
+    v,
+    bank_k,
+    bank_v,
+    prefix_ids,
+    bank_offsets,
+    key_padding_mask,
+    causal,
+    scale,
+    out,
+    lse,
+    backend,
+):
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, bank_k, bank_v)
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,8 +96,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, out, lse = ctx.saved_tensors
     dq, dk, dv, dbank_k, dbank_v = prefix_attention_backward_op(
-        dout.contiguous(), q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask,
-        ctx.causal, ctx.scale, out, lse, ctx.backend,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        bank_k,
+        bank_v,
+        prefix_ids,
+        bank_offsets,
+        key_padding_mask,
+        ctx.causal,
+        ctx.scale,
+        out,
+        lse,
+        ctx.backend,
     )
     return dq, dk, dv, dbank_k, dbank_v, None, None, None, None, None, None
 

@@ -112,8 +112,9 @@ def prefix_attention_reference(
     lse : Tensor ``[B, H, Tq]`` fp32 (fp64 for fp64 inputs), natural log; ``-inf`` for a query that sees no key.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    keys, values, visible, _ = _concat_prefix(k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask,
-                                              causal, q.shape[2])
+    keys, values, visible, _ = _concat_prefix(
+        k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, q.shape[2]
+    )
     scores = torch.matmul(q.to(keys.dtype), keys.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Tq]

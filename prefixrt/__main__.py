@@ -1,0 +1,5 @@
+import sys
+
+from prefixrt.cli import main
+
+sys.exit(main())

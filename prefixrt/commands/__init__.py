@@ -1,0 +1,1 @@
+"""Sub-commands of the ``prefixrt`` command line (see :mod:`prefixrt.cli`)."""

@@ -1,0 +1,184 @@
+"""``attach`` / ``detach``: plug a prefix bank into a frozen Hugging Face GPT-2 or BART.
+
+``attach`` changes exactly these things, and ``detach`` undoes each of them:
+
+1. ``config._attn_implementation`` -> ``"prefixrt"`` (attention and mask functions registered in transformers'
+   own registries, :mod:`prefixrt.hf.attention`);
+2. each attention module gets two plain attributes: its ``(site, layer)`` and the binding (bank + backend);
+3. forward pre-hooks that validate ``prefix_ids`` and shift positions (:mod:`prefixrt.hf.positions`);
+4. an instance-level ``prepare_inputs_for_generation`` that passes ``prefix_ids`` to every step
+   (:mod:`prefixrt.hf.generation`).
+
+The model's weights are not touched and the KV cache holds only real tokens: prefixes are read from the bank
+by id at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefixrt.bank import PrefixBank
+from prefixrt.hf import attention, generation, positions
+from prefixrt.ops.backends import resolve_name
+from prefixrt.spec import ModelSpec
+
+__all__ = ["attach", "detach", "is_attached", "PrefixBinding", "attention_sites"]
+
+POSITION_OFFSETS = ("prefix", "zero")
+
+
+@dataclass
+class PrefixBinding:
+    """What an attached model knows about its bank. Not an ``nn.Module``: the bank is not part of the model's
+    ``state_dict`` and is not moved or cast with the model."""
+
+    bank: PrefixBank
+    backend: str
+    position_offset: str
+    original_attn_implementation: str | None
+    hooks: list[Any] = field(default_factory=list)
+    tagged_modules: list[nn.Module] = field(default_factory=list)
+    validated: tuple | None = (
+        None  # (id(prefix_ids), version, bank.version) last checked: one sync per tensor
+    )
+
+    def check_ids(self, prefix_ids: torch.Tensor, batch_size: int) -> None:
+        """Validate ``prefix_ids`` against the bank and the batch (cached per tensor to avoid a sync per step)."""
+        if not isinstance(prefix_ids, torch.Tensor):
+            raise ValueError(f"prefix_ids must be a LongTensor [batch], got {type(prefix_ids).__name__}")
+        if prefix_ids.dim() != 1 or prefix_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"prefix_ids must be a LongTensor [batch={batch_size}], got shape {tuple(prefix_ids.shape)}"
+            )
+        stamp = (id(prefix_ids), prefix_ids._version, self.bank.version, prefix_ids.data_ptr())
+        if stamp != self.validated:
+            self.bank.check_ids(prefix_ids)
+            self.validated = stamp
+
+    def position_shift(self, prefix_ids: torch.Tensor, site: str, device: torch.device) -> torch.Tensor:
+        """LongTensor ``[B]``: how far each row's positions move (its prefix length at ``site``, 0 for -1)."""
+        if self.position_offset == "zero":
+            return torch.zeros(prefix_ids.shape[0], dtype=torch.long, device=device)
+        lengths = self.bank.offsets(site).diff().to(device)
+        ids = prefix_ids.to(device)
+        if lengths.numel() == 0:
+            return torch.zeros_like(ids)
+        return torch.where(ids >= 0, lengths[ids.clamp(min=0)], 0)
+
+
+def attention_sites(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """``(attention module, site, layer)`` for every attention module of a GPT-2 or BART model."""
+    model_type = getattr(model.config, "model_type", None)
+    sites = []
+    if model_type == "gpt2":
+        blocks = _find(model, "h")
+        for i, block in enumerate(blocks):
+            sites.append((block.attn, "decoder", i))
+    elif model_type == "bart":
+        base = getattr(model, "model", model)
+        encoder, decoder = base.encoder, base.decoder
+        for i, layer in enumerate(encoder.layers):
+            sites.append((layer.self_attn, "encoder", i))
+        for i, layer in enumerate(decoder.layers):
+            sites.append((layer.self_attn, "decoder", i))
+            sites.append((layer.encoder_attn, "cross", i))
+    else:
+        raise ValueError(f"prefixrt.attach supports GPT-2 and BART models, got model_type={model_type!r}")
+    return sites
+
+
+def _find(model: nn.Module, attr: str) -> nn.ModuleList:
+    for module in model.modules():
+        if isinstance(getattr(module, attr, None), nn.ModuleList):
+            return getattr(module, attr)
+    raise ValueError(f"could not find the transformer blocks ({attr!r}) in {type(model).__name__}")
+
+
+def attach(
+    model: nn.Module,
+    bank: PrefixBank,
+    backend: str = "auto",
+    position_offset: str = "prefix",
+) -> nn.Module:
+    """Plug ``bank`` into ``model`` (GPT-2 or BART) in place and return the model.
+
+    After ``attach``, ``model(input_ids, attention_mask=..., prefix_ids=..., labels=...)`` and
+    ``model.generate(input_ids, attention_mask=..., prefix_ids=..., ...)`` take ``prefix_ids``: LongTensor
+    ``[batch]``, one bank id per row (``bank.ids([...])``), ``-1`` for a row without prefix (it then behaves
+    exactly like the base model).
+
+    Parameters
+    ----------
+    model : GPT2LMHeadModel / GPT2Model / BartForConditionalGeneration / BartModel
+    bank : PrefixBank
+        Must be built for this architecture (``PrefixBank.for_model(model)``); it is moved to the model's device.
+    backend : str
+        ``"auto"`` (fastest available for the tensors' device; ``PREFIXRT_BACKEND`` overrides), ``"reference"``,
+        ``"triton"`` or ``"cpp"``.
+    position_offset : str
+        ``"prefix"`` (default): real tokens get positions ``P .. P+T-1`` as in PEFT and the original code (PEFT
+        adapters then give PEFT's outputs; for BART only the decoder is shifted, by the decoder prefix length).
+        ``"zero"``: positions start at 0 whatever the prefix.
+    """
+    if not isinstance(bank, PrefixBank):
+        raise TypeError(f"bank must be a prefixrt.PrefixBank, got {type(bank).__name__}")
+    if is_attached(model):
+        raise RuntimeError(
+            "this model is already attached to a prefix bank; call prefixrt.detach(model) first"
+        )
+    if position_offset not in POSITION_OFFSETS:
+        raise ValueError(f"position_offset must be one of {POSITION_OFFSETS}, got {position_offset!r}")
+    bank.check_compatible(ModelSpec.from_config(model.config))
+    backend = resolve_name(backend)
+    if backend != "auto":
+        from prefixrt.ops.backends import get_backend
+
+        get_backend(backend)  # fail now, with the reason, if it is not available on this machine
+    param = next(model.parameters())
+    if bank.device != param.device:
+        bank.to(param.device)
+
+    attention.register()
+    binding = PrefixBinding(bank, backend, position_offset, model.config._attn_implementation)
+    for module, site, layer in attention_sites(model):
+        module._prefixrt_site = (site, layer)
+        module._prefixrt_binding = binding
+        binding.tagged_modules.append(module)
+    binding.hooks.extend(positions.install(model, binding))
+    generation.install(model)
+    model._prefixrt_binding = binding
+    model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach`: the model is again exactly the unpatched model."""
+    binding = getattr(model, "_prefixrt_binding", None)
+    if binding is None:
+        raise RuntimeError("this model is not attached to a prefix bank")
+    model.set_attn_implementation(binding.original_attn_implementation or "eager")
+    for hook in binding.hooks:
+        hook.remove()
+    for module in binding.tagged_modules:
+        del module._prefixrt_site
+        del module._prefixrt_binding
+    generation.uninstall(model)
+    del model._prefixrt_binding
+    return model
+
+
+def is_attached(model: nn.Module) -> bool:
+    return getattr(model, "_prefixrt_binding", None) is not None
+
+
+def binding_of(model: nn.Module) -> PrefixBinding:
+    binding = getattr(model, "_prefixrt_binding", None)
+    if binding is None:
+        raise RuntimeError(
+            "this model is not attached to a prefix bank; call prefixrt.attach(model, bank) first"
+        )
+    return binding
