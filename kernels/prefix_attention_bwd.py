@@ -1,0 +1,306 @@
+"""Triton backward of prefix attention: Delta, dQ, dK/dV of the own keys, and the bank gradient.
+
+P is recomputed from the forward's log-sum-exp (natural log, converted to base 2 here); a query with
+``lse = -inf`` saw no key and gets ``P = 0``. The bank gradient is a deterministic segmented reduction: one
+program per (key block of a used entry, head, row split) loops, in sorted order, over the rows that use the
+entry and accumulates in fp32; nothing is written twice and there are no atomics.
+
+Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton_launch`.
+"""
+
+import triton
+import triton.language as tl
+
+from .prefix_attention_fwd import causal_key_ranges, prefix_span
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def prefix_attention_bwd_preprocess_kernel(
+    OUT, DOUT, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_db, stride_dh, stride_dm,
+    H, TQ,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(TQ, BLOCK_M), B * H)``: ``DELTA[b, h, i] = sum_d OUT * DOUT`` in fp32."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = (offs_m < TQ)[:, None]
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=valid, other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=valid, other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + b * stride_db + h * stride_dh + offs_m * stride_dm, tl.sum(o * do, 1), mask=offs_m < TQ)
+
+
+@triton.jit
+def _load_query_side(Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, offs_m, valid_m, offs_d,
+                     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm):  # fmt: skip
+    """q, dO ``[BLOCK_M, D]``; lse (base 2, 0 where -inf) and Delta ``[BLOCK_M]`` of a query block."""
+    q = tl.load(
+        Q_BASE + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=valid_m[:, None], other=0.0
+    )
+    do = tl.load(DO_BASE + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=valid_m[:, None],
+                 other=0.0)  # fmt: skip
+    lse = tl.load(LSE_BASE + offs_m * stride_lm, mask=valid_m, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    delta = tl.load(DELTA_BASE + offs_m * stride_dm, mask=valid_m, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _dq_range(
+    dq, q, do, lse2, delta, offs_m,
+    K_BASE, V_BASE, stride_kn, stride_kd, stride_vn, stride_vd, MASK_BASE, stride_maskn,
+    start, end, causal_shift, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add ``dS K`` over keys ``[start, end)`` to ``dq`` ``[BLOCK_M, D]`` (unscaled)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < end
+        k = tl.load(K_BASE + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=valid_n[:, None],
+                    other=0.0)  # fmt: skip
+        v = tl.load(V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid_n[:, None],
+                    other=0.0)  # fmt: skip
+        if HAS_MASK:
+            keep = tl.load(MASK_BASE + offs_n * stride_maskn, mask=valid_n, other=0)
+            valid_n = valid_n & (keep != 0)
+        visible = valid_n[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def prefix_attention_bwd_dq_kernel(
+    Q, K, V, BANK_K, BANK_V, IDS, OFFSETS, MASK, DOUT, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bkh, stride_bks, stride_bkd,
+    stride_bvh, stride_bvs, stride_bvd,
+    stride_maskb, stride_maskn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_db, stride_dh, stride_dm,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, TQ, TK, N_ENTRIES, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(TQ, BLOCK_M), B * H)``: dQ of a query block over the row's prefix and own keys."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid_m = offs_m < TQ
+    q, do, lse2, delta = _load_query_side(
+        Q + b * stride_qb + h * stride_qh, DOUT + b * stride_dob + h * stride_doh,
+        LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_db + h * stride_dh,
+        offs_m, valid_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
+    )  # fmt: skip
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # -- prefix part
+    lo, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
+    dq = _dq_range(
+        dq, q, do, lse2, delta, offs_m,
+        BANK_K + h * stride_bkh + lo * stride_bks, BANK_V + h * stride_bvh + lo * stride_bvs,
+        stride_bks, stride_bkd, stride_bvs, stride_bvd, MASK, 0, 0, plen, 0, qk_scale,
+        HEAD_DIM, BLOCK_N, False, False, DOT_PRECISION,
+    )  # fmt: skip
+    # -- own part
+    split, hi = causal_key_ranges(m0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = MASK + b * stride_maskb
+    dq = _dq_range(
+        dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        mask_base, stride_maskn, 0, split, 0, qk_scale, HEAD_DIM, BLOCK_N, False, HAS_MASK, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _dq_range(
+        dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        mask_base, stride_maskn, split, hi, TK - TQ, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, HAS_MASK,
+        DOT_PRECISION,
+    )  # fmt: skip
+    dq_ptrs = (
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    )
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_m[:, None])
+
+
+@triton.jit
+def _dkdv_range(
+    dk, dv, k, v, valid_n, offs_n,
+    Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
+    start, end, causal_shift, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add ``dS^T Q`` (unscaled) and ``P^T dO`` over queries ``[start, end)`` to ``dk``, ``dv`` ``[BLOCK_N, D]``."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < end
+        q, do, lse2, delta = _load_query_side(
+            Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, offs_m, valid_m, offs_d,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
+        )  # fmt: skip
+        visible = valid_n[:, None] & valid_m[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_kernel(
+    Q, K, V, MASK, DOUT, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_db, stride_dh, stride_dm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, TQ, TK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(TK, BLOCK_N), B * H)``: dK, dV of a block of a row's own keys over the queries that see it."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid_n = offs_n < TK
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=valid_n[:, None], other=0.0)  # fmt: skip
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=valid_n[:, None], other=0.0)  # fmt: skip
+    if HAS_MASK:
+        keep = tl.load(MASK + b * stride_maskb + offs_n * stride_maskn, mask=valid_n, other=0)
+        valid_n = valid_n & (keep != 0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    # queries [first, full) see part of this key block (causal mask), [full, TQ) see all of it
+    if CAUSAL:
+        shift = TK - TQ
+        first = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), TQ)
+        full = tl.minimum((full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, TQ)
+        full = tl.maximum(full, tl.minimum(first, TQ))
+    else:
+        shift = 0
+        first = 0
+        full = 0
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DOUT + b * stride_dob + h * stride_doh
+    lse_base = LSE + b * stride_lb + h * stride_lh
+    delta_base = DELTA + b * stride_db + h * stride_dh
+    dk, dv = _dkdv_range(
+        dk, dv, k, v, valid_n, offs_n, q_base, do_base, lse_base, delta_base,
+        stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
+        first, full, shift, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, DOT_PRECISION,
+    )  # fmt: skip
+    dk, dv = _dkdv_range(
+        dk, dv, k, v, valid_n, offs_n, q_base, do_base, lse_base, delta_base,
+        stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
+        full, TQ, 0, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION,
+    )  # fmt: skip
+    dk_ptrs = (
+        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    )
+    dv_ptrs = (
+        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    )
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=(offs_n < TK)[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(offs_n < TK)[:, None])
+
+
+@triton.jit
+def prefix_attention_bwd_bank_kernel(
+    Q, BANK_K, BANK_V, DOUT, LSE, DELTA, DBANK_K, DBANK_V,
+    OFFSETS, ORDER, SEG_OFFSETS, TILE_ENTRY, TILE_BLOCK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_bkh, stride_bks, stride_bkd,
+    stride_bvh, stride_bvs, stride_bvd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_db, stride_dh, stride_dm,
+    stride_split, stride_dbkh, stride_dbks, stride_dbkd, stride_dbvh, stride_dbvs, stride_dbvd,
+    TQ, N_ENTRIES, SPLITS, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(tile slots, H, SPLITS)``: the gradient of ``BLOCK_N`` bank rows of one used entry for one head,
+    summed (fp32, in sorted row order) over split ``pid(2)`` of the rows that use the entry.
+
+    TILE_ENTRY/TILE_BLOCK ``[slots]`` (entry ``-1`` = idle slot), ORDER ``[B]`` rows sorted by id,
+    SEG_OFFSETS ``[N + 1]``; DBANK_K/DBANK_V ``[SPLITS, H, S, D]`` (``stride_split`` 0 when ``SPLITS == 1``).
+    """
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    entry = tl.load(TILE_ENTRY + t).to(tl.int64)
+    has = (entry >= 0).to(tl.int64)
+    safe = tl.maximum(entry, 0)
+    lo = tl.load(OFFSETS + tl.minimum(safe, N_ENTRIES)).to(tl.int64)
+    hi = tl.load(OFFSETS + tl.minimum(safe + 1, N_ENTRIES)).to(tl.int64)
+    n0 = lo + tl.load(TILE_BLOCK + t).to(tl.int64) * BLOCK_N
+    n_rows = tl.minimum(hi - n0, BLOCK_N) * has  # 0 for an idle slot
+    # rows of this split: a contiguous chunk of the entry's sorted rows (none for an idle slot)
+    seg_lo = tl.load(SEG_OFFSETS + tl.minimum(safe, N_ENTRIES)).to(tl.int64)
+    seg_hi = tl.load(SEG_OFFSETS + tl.minimum(safe + 1, N_ENTRIES)).to(tl.int64)
+    chunk = ((seg_hi - seg_lo) * has + SPLITS - 1) // SPLITS
+    r_lo = seg_lo + split * chunk
+    r_hi = tl.minimum(r_lo + chunk, seg_hi)
+
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_r
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid_n = offs_r < n_rows
+    k = tl.load(BANK_K + h * stride_bkh + offs_n[:, None] * stride_bks + offs_d[None, :] * stride_bkd,
+                mask=valid_n[:, None], other=0.0)  # fmt: skip
+    v = tl.load(BANK_V + h * stride_bvh + offs_n[:, None] * stride_bvs + offs_d[None, :] * stride_bvd,
+                mask=valid_n[:, None], other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for r in range(r_lo, r_hi):
+        b = tl.load(ORDER + r).to(tl.int64)
+        dk, dv = _dkdv_range(
+            dk, dv, k, v, valid_n, offs_n,
+            Q + b * stride_qb + h * stride_qh, DOUT + b * stride_dob + h * stride_doh,
+            LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_db + h * stride_dh,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
+            0, TQ, 0, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION,
+        )  # fmt: skip
+    split64 = split.to(tl.int64) * stride_split
+    dbk = DBANK_K + split64 + h * stride_dbkh + offs_n[:, None] * stride_dbks + offs_d[None, :] * stride_dbkd
+    dbv = DBANK_V + split64 + h * stride_dbvh + offs_n[:, None] * stride_dbvs + offs_d[None, :] * stride_dbvd
+    tl.store(dbk, (dk * sm_scale).to(DBANK_K.dtype.element_ty), mask=valid_n[:, None])
+    tl.store(dbv, dv.to(DBANK_V.dtype.element_ty), mask=valid_n[:, None])

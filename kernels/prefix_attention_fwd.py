@@ -1,0 +1,214 @@
+"""Triton forward of prefix attention (prefill and training): one online softmax over ``[bank prefix ; own keys]``.
+
+Row ``b`` reads its prefix out of the packed bank through ``bank_offsets[prefix_ids[b]]``; id ``-1`` is folded
+into a prefix length of 0 (no masks built from loaded scalars, see KERNELS.md). Scores live in base 2 inside the
+kernel (``qk_scale = scale * log2(e)``); the stored log-sum-exp is natural-log, fp32, ``-inf`` for a query that
+sees no key (its output is 0).
+
+Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton_launch`.
+"""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def prefix_span(IDS, OFFSETS, b, N_ENTRIES):
+    """``(first bank row, length)`` of row ``b``'s prefix; length 0 when ``prefix_ids[b] == -1``.
+
+    Ids are clamped into ``[0, N_ENTRIES]`` before indexing ``OFFSETS`` (``N_ENTRIES + 1`` values), so an
+    empty bank (``N_ENTRIES == 0``) reads ``OFFSETS[0]`` twice and gets length 0.
+    """
+    pid = tl.load(IDS + b).to(tl.int64)
+    has = (pid >= 0).to(tl.int64)
+    safe = tl.maximum(pid, 0)
+    lo = tl.load(OFFSETS + tl.minimum(safe, N_ENTRIES)).to(tl.int64)
+    hi = tl.load(OFFSETS + tl.minimum(safe + 1, N_ENTRIES)).to(tl.int64)
+    return lo, (hi - lo) * has
+
+
+@triton.jit
+def causal_key_ranges(m0, TQ, TK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Own keys a query block ``[m0, m0 + BLOCK_M)`` may see: ``[0, split)`` needs no causal mask and
+    ``[split, hi)`` does (bottom-right alignment: query ``i`` sees key ``j <= i + TK - TQ``)."""
+    if CAUSAL:
+        shift = TK - TQ
+        hi = tl.minimum(tl.minimum(m0 + BLOCK_M, TQ) + shift, TK)
+        hi = tl.maximum(hi, 0)
+        split = tl.maximum(m0 + shift + 1, 0) // BLOCK_N * BLOCK_N
+        split = tl.minimum(split, hi)
+    else:
+        hi = TK
+        split = TK
+    return split, hi
+
+
+@triton.jit
+def _attend_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    offs_m,
+    K_BASE,
+    V_BASE,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    MASK_BASE,
+    stride_maskn,
+    start,
+    end,
+    causal_shift,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold keys ``[start, end)`` of one K/V sequence into the running ``(acc, l_i, m_i)`` (base-2 scores)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < end
+        # -- scores [BLOCK_M, BLOCK_N]
+        k = tl.load(
+            K_BASE + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=valid_n[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASK:
+            keep = tl.load(MASK_BASE + offs_n * stride_maskn, mask=valid_n, other=0)
+            valid_n = valid_n & (keep != 0)
+        visible = valid_n[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        s = tl.where(visible, s, float("-inf"))
+        # -- online softmax; a row that has seen nothing yet keeps m = -inf and contributes exp2(-inf) = 0
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=valid_n[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    BANK_K,
+    BANK_V,
+    IDS,
+    OFFSETS,
+    MASK,
+    OUT,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bkh,
+    stride_bks,
+    stride_bkd,
+    stride_bvh,
+    stride_bvs,
+    stride_bvd,
+    stride_maskb,
+    stride_maskn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    H,
+    TQ,
+    TK,
+    N_ENTRIES,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid ``(cdiv(TQ, BLOCK_M), B * H)``: one program per (query block, row, head).
+
+    Q ``[B, H, TQ, D]``, K/V ``[B, H, TK, D]``, BANK_K/BANK_V ``[H, S, D]``, IDS ``[B]``, OFFSETS
+    ``[N_ENTRIES + 1]``, MASK ``[B, TK]`` uint8 (1 = attend; ignored unless HAS_MASK), OUT ``[B, H, TQ, D]``,
+    LSE ``[B, H, TQ]`` fp32.
+    """
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid_m = offs_m < TQ
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=valid_m[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # -- prefix part: never masked, read in place from the bank
+    lo, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, offs_m,
+        BANK_K + h * stride_bkh + lo * stride_bks, BANK_V + h * stride_bvh + lo * stride_bvs,
+        stride_bks, stride_bkd, stride_bvs, stride_bvd,
+        MASK, 0, 0, plen, 0, qk_scale,
+        HEAD_DIM, BLOCK_N, False, False, DOT_PRECISION,
+    )  # fmt: skip
+
+    # -- own part: key padding everywhere, the causal mask only on the diagonal blocks
+    split, hi = causal_key_ranges(m0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = MASK + b * stride_maskb
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        mask_base, stride_maskn, 0, split, 0, qk_scale,
+        HEAD_DIM, BLOCK_N, False, HAS_MASK, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        mask_base, stride_maskn, split, hi, TK - TQ, qk_scale,
+        HEAD_DIM, BLOCK_N, CAUSAL, HAS_MASK, DOT_PRECISION,
+    )  # fmt: skip
+
+    # -- epilogue: a query that saw no key gets out = 0 and lse = -inf
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_m[:, None])
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=valid_m)
