@@ -1,6 +1,6 @@
 """The Hugging Face integration: attach a prefix bank to a frozen GPT-2 or BART through transformers' own
 extension points (attention and mask registries, ``prepare_inputs_for_generation``)."""
 
-from prefixrt.hf.attach import attach, attention_sites, binding_of, detach, is_attached
+from prefixrt.hf.attach import PrefixSource, attach, attention_sites, binding_of, detach, is_attached
 
-__all__ = ["attach", "attention_sites", "binding_of", "detach", "is_attached"]
+__all__ = ["PrefixSource", "attach", "attention_sites", "binding_of", "detach", "is_attached"]

@@ -16,7 +16,7 @@ by id at every step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -26,9 +26,38 @@ from prefixrt.hf import attention, generation, positions
 from prefixrt.ops.backends import resolve_name
 from prefixrt.spec import ModelSpec
 
-__all__ = ["attach", "detach", "is_attached", "PrefixBinding", "attention_sites"]
+__all__ = ["attach", "detach", "is_attached", "PrefixBinding", "PrefixSource", "attention_sites"]
 
 POSITION_OFFSETS = ("prefix", "zero")
+
+
+@runtime_checkable
+class PrefixSource(Protocol):
+    """What an attached model reads its prefixes from: :class:`~prefixrt.PrefixBank`, or anything with the same
+    read interface (``prefixrt.PrefixTuner`` computes its K/V in the forward graph and serves them this way).
+
+    ``layer_kv(site, layer)`` returns ``(bank_k, bank_v)``, each ``[H, S, D]``, packed as ``offsets(site)``
+    (LongTensor ``[N + 1]``) describes; ``version`` changes whenever ids or lengths change.
+    """
+
+    spec: ModelSpec
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def offsets(self, site: str) -> torch.Tensor: ...
+
+    def layer_kv(self, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def check_ids(self, prefix_ids: torch.Tensor, argument: str = "prefix_ids") -> None: ...
+
+    def check_compatible(self, spec: ModelSpec) -> None: ...
 
 
 @dataclass
@@ -36,7 +65,7 @@ class PrefixBinding:
     """What an attached model knows about its bank. Not an ``nn.Module``: the bank is not part of the model's
     ``state_dict`` and is not moved or cast with the model."""
 
-    bank: PrefixBank
+    bank: PrefixSource
     backend: str
     position_offset: str
     original_attn_implementation: str | None
@@ -100,7 +129,7 @@ def _find(model: nn.Module, attr: str) -> nn.ModuleList:
 
 def attach(
     model: nn.Module,
-    bank: PrefixBank,
+    bank: PrefixBank | PrefixSource,
     backend: str = "auto",
     position_offset: str = "prefix",
 ) -> nn.Module:
@@ -114,8 +143,9 @@ def attach(
     Parameters
     ----------
     model : GPT2LMHeadModel / GPT2Model / BartForConditionalGeneration / BartModel
-    bank : PrefixBank
-        Must be built for this architecture (``PrefixBank.for_model(model)``); it is moved to the model's device.
+    bank : PrefixBank or PrefixSource
+        Must be built for this architecture (``PrefixBank.for_model(model)``); it is moved to the model's device
+        (when it is an ``nn.Module``). Any :class:`PrefixSource` works in place of a bank (a ``PrefixTuner``).
     backend : str
         ``"auto"`` (fastest available for the tensors' device; ``PREFIXRT_BACKEND`` overrides), ``"reference"``,
         ``"triton"`` or ``"cpp"``.
@@ -124,8 +154,10 @@ def attach(
         adapters then give PEFT's outputs; for BART only the decoder is shifted, by the decoder prefix length).
         ``"zero"``: positions start at 0 whatever the prefix.
     """
-    if not isinstance(bank, PrefixBank):
-        raise TypeError(f"bank must be a prefixrt.PrefixBank, got {type(bank).__name__}")
+    if not isinstance(bank, (PrefixBank, PrefixSource)):
+        raise TypeError(
+            f"bank must be a prefixrt.PrefixBank (or implement prefixrt.hf.PrefixSource), got {type(bank).__name__}"
+        )
     if is_attached(model):
         raise RuntimeError(
             "this model is already attached to a prefix bank; call prefixrt.detach(model) first"
@@ -140,6 +172,8 @@ def attach(
         get_backend(backend)  # fail now, with the reason, if it is not available on this machine
     param = next(model.parameters())
     if bank.device != param.device:
+        if not isinstance(bank, nn.Module):
+            raise ValueError(f"the prefix source is on {bank.device} but the model is on {param.device}")
         bank.to(param.device)
 
     attention.register()

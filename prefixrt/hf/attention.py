@@ -41,7 +41,8 @@ def prefixrt_attention(
     ----------
     query : Tensor ``[B, H, Tq, D]``; key, value : Tensor ``[B, H, Tk, D]`` (the cache's real tokens only)
     attention_mask : BoolTensor ``[B, Tk]`` or None, from :func:`prefixrt_mask`
-    kwargs : must hold ``prefix_ids`` LongTensor ``[B]`` (``-1`` = no prefix)
+    kwargs : must hold ``prefix_ids`` LongTensor ``[B]`` (``-1`` = no prefix); may hold ``prefix_source`` (a
+        ``PrefixSource`` with the bound bank's ids and lengths) to read this call's K/V from instead of the bank
 
     Returns
     -------
@@ -60,7 +61,11 @@ def prefixrt_attention(
             "this model is attached to a prefix bank: pass prefix_ids=LongTensor[batch] (one bank id per row, -1 for "
             "no prefix) to forward() or generate()"
         )
-    bank = binding.bank
+    # A per-call source (``prefix_source=`` in the model's kwargs) overrides the bound one for this forward only;
+    # PrefixTuner passes its K/V this way so a gradient-checkpointing replay reads the same tensors.
+    bank = kwargs.get("prefix_source")
+    if bank is None:
+        bank = binding.bank
     bank_k, bank_v = bank.layer_kv(site, layer)
     if bank_k.dtype != query.dtype:
         bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
