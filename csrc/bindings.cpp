@@ -1,0 +1,14 @@
+// Python bindings (pybind11) of the CPU prefix-attention kernels: prefixrt.ops.cpp_build loads this
+// module with torch.utils.cpp_extension.load and prefixrt.ops.cpp_backend calls it.
+#include <torch/extension.h>
+
+#include "prefix_attention.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "prefixrt C++ CPU kernels: prefix attention reading a packed prefix bank in place";
+  m.def("forward", &prefixrt::prefix_attention_forward, "prefix attention forward -> (out, lse)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bank_k"), py::arg("bank_v"),
+        py::arg("prefix_ids"), py::arg("bank_offsets"), py::arg("key_padding_mask"),
+        py::arg("causal"), py::arg("scale"));
+  m.def("simd_isa", &prefixrt::simd_isa, "the SIMD path this build was compiled for");
+}

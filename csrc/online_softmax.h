@@ -1,0 +1,179 @@
+// One tile of query rows attending over key segments with an online softmax (fp32 state).
+//
+// A tile holds up to `max_rows` query rows of one head: the scaled queries Q, the running max m,
+// the running sum l and the unnormalized output O. attend_segment() folds one key segment into all
+// or part of the tile (the bank prefix for every row of the tile, then each batch row's own keys
+// for its rows), block by block: S = Q K^T, mask, m_new = max(m, rowmax S), P = exp(S - m_new), l =
+// l * exp(m - m_new) + rowsum P, O = O * exp(m - m_new) + P V. finalize() writes O / l and lse = m
+// + log l (natural log), or 0 and -inf for a row that saw no key.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "microkernels.h"
+
+namespace prefixrt {
+
+constexpr int64_t kMaxBlockKeys = 128;  // keys per block (rounded to kPanel); S, Kt are [rows, 128]
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Keys n0 of a segment: rows of K and V (element type T, row strides ldk/ldv) and an optional
+// key mask (true = visible, stride 1).
+template <typename T>
+struct Segment {
+  const T* k;
+  int64_t ldk;
+  const T* v;
+  int64_t ldv;
+  int64_t n;
+  const bool* key_mask;
+};
+
+struct Tile {
+  int64_t max_rows, D, Dp;
+  std::vector<float> q, o, m, l;  // q, o: [max_rows, Dp]; m, l: [max_rows]
+  std::vector<float> s;           // [max_rows, kMaxBlockKeys] scores, then probabilities
+  std::vector<float> kt;          // [Dp, kMaxBlockKeys] transposed keys (packed path)
+  std::vector<float> kbuf, vbuf;  // [kMaxBlockKeys, Dp] widened K / V rows (16-bit inputs, odd D)
+  std::vector<float> mask;        // [kMaxBlockKeys] additive key mask (0 or -inf)
+
+  Tile(int64_t max_rows_, int64_t D_)
+      : max_rows(max_rows_),
+        D(D_),
+        Dp(round_up(std::max<int64_t>(D_, 1), kPanel)),
+        q(max_rows_ * Dp),
+        o(max_rows_ * Dp),
+        m(max_rows_),
+        l(max_rows_),
+        s(max_rows_ * kMaxBlockKeys),
+        kt(Dp * kMaxBlockKeys),
+        kbuf(kMaxBlockKeys * Dp),
+        vbuf(kMaxBlockKeys * Dp),
+        mask(kMaxBlockKeys) {}
+
+  // Empty state for the first `rows` rows.
+  void reset(int64_t rows) {
+    std::fill(o.begin(), o.begin() + rows * Dp, 0.f);
+    std::fill(m.begin(), m.begin() + rows, kNegInf);
+    std::fill(l.begin(), l.begin() + rows, 0.f);
+  }
+
+  // Row i's query: q_row[0:D] * scale, widened to fp32.
+  template <typename T>
+  void load_query(int64_t i, const T* q_row, float scale) {
+    row_to_f32(q_row, D, scale, q.data() + i * Dp, Dp);
+  }
+
+  // Writes row i's normalized output (D values of type T) and returns its lse.
+  template <typename T>
+  float finalize(int64_t i, T* out_row) {
+    float* o_row = o.data() + i * Dp;
+    if (l[i] > 0.f) {
+      const Vec inv(1.f / l[i]);
+      for (int64_t d = 0; d < Dp; d += kVec) (Vec::loadu(o_row + d) * inv).store(o_row + d);
+      row_from_f32(o_row, D, out_row);
+      return m[i] + std::log(l[i]);
+    }
+    std::fill(o_row, o_row + Dp, 0.f);
+    row_from_f32(o_row, D, out_row);
+    return kNegInf;
+  }
+};
+
+// Key blocks of a segment of n keys: as few blocks of at most kMaxBlockKeys as possible, of equal
+// size rounded up to kPanel (a 200-key prefix is 2 blocks of 112 / 88, not 128 + 72).
+inline int64_t block_keys(int64_t n) {
+  const int64_t blocks = (n + kMaxBlockKeys - 1) / kMaxBlockKeys;
+  return std::min(kMaxBlockKeys, round_up((n + blocks - 1) / blocks, kPanel));
+}
+
+// Online-softmax update of rows [0, M) of S [M, ncols] (already masked): turns S into P and
+// rescales.
+inline void softmax_update(float* S, int64_t lds, int64_t M, int64_t ncols, float* m, float* l,
+                           float* O, int64_t ldo, int64_t Dp) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* s = S + i * lds;
+    Vec vmax(kNegInf);
+    for (int64_t j = 0; j < ncols; j += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    const float m_new = std::max(m[i], hmax(vmax));
+    if (m_new == kNegInf) {  // nothing visible to this row yet
+      std::fill(s, s + ncols, 0.f);
+      continue;
+    }
+    const Vec vm(m_new);
+    Vec vsum(0.f);
+    for (int64_t j = 0; j < ncols; j += kVec) {
+      const Vec p = (Vec::loadu(s + j) - vm).exp_u20();
+      p.store(s + j);
+      vsum = vsum + p;
+    }
+    const float alpha = std::exp(m[i] - m_new);  // 0 when m[i] is -inf
+    l[i] = l[i] * alpha + hsum(vsum);
+    m[i] = m_new;
+    if (alpha != 1.f) {
+      float* o = O + i * ldo;
+      const Vec va(alpha);
+      for (int64_t d = 0; d < Dp; d += kVec) (Vec::loadu(o + d) * va).store(o + d);
+    }
+  }
+}
+
+// Folds `seg` into tile rows [r0, r0 + M). limit[i] (or all n when null): row i sees keys j <
+// limit[i].
+template <typename T>
+void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const int64_t* limit) {
+  const int64_t Dp = t.Dp;
+  float* Q = t.q.data() + r0 * Dp;
+  float* O = t.o.data() + r0 * Dp;
+  float* S = t.s.data();
+  int64_t n_used = limit ? 0 : seg.n;
+  if (limit)
+    for (int64_t i = 0; i < M; ++i) n_used = std::max(n_used, std::min(limit[i], seg.n));
+  if (n_used <= 0 || M <= 0) return;
+  const int64_t step = block_keys(n_used);
+
+  for (int64_t j0 = 0; j0 < n_used; j0 += step) {
+    const int64_t nb = std::min(step, n_used - j0);
+    const int64_t ncols = round_up(nb, kPanel);
+    // -- scores S[0:M, 0:nb] = Q K^T
+    const RowsF32 K = rows_f32(seg.k + j0 * seg.ldk, seg.ldk, nb, t.D, Dp, t.kbuf.data());
+    if (M <= kDotRows) {
+      qk_dot(Q, Dp, M, K.ptr, K.ld, nb, Dp, S, kMaxBlockKeys);
+    } else {
+      float* Kt = t.kt.data();
+      transpose_f32(K.ptr, K.ld, nb, Dp, Kt,
+                    kMaxBlockKeys);  // columns nb:ncols are junk, masked below
+      qk_packed(Q, Dp, M, Kt, kMaxBlockKeys, ncols, Dp, S, kMaxBlockKeys);
+    }
+    // -- masks: padding columns and causal tails to -inf, then the additive key mask
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t visible = limit ? std::clamp<int64_t>(limit[i] - j0, 0, nb) : nb;
+      std::fill(S + i * kMaxBlockKeys + visible, S + i * kMaxBlockKeys + ncols, kNegInf);
+    }
+    if (seg.key_mask) {
+      bool all_visible = true;
+      for (int64_t j = 0; j < nb; ++j) {
+        t.mask[j] = seg.key_mask[j0 + j] ? 0.f : kNegInf;
+        all_visible &= seg.key_mask[j0 + j];
+      }
+      if (!all_visible) {
+        for (int64_t i = 0; i < M; ++i) {
+          float* s = S + i * kMaxBlockKeys;
+          int64_t j = 0;
+          for (; j + kVec <= nb; j += kVec)
+            (Vec::loadu(s + j) + Vec::loadu(t.mask.data() + j)).store(s + j);
+          for (; j < nb; ++j) s[j] += t.mask[j];
+        }
+      }
+    }
+    // -- online softmax, then O += P V
+    softmax_update(S, kMaxBlockKeys, M, ncols, t.m.data() + r0, t.l.data() + r0, O, Dp, Dp);
+    const RowsF32 V = rows_f32(seg.v + j0 * seg.ldv, seg.ldv, nb, t.D, Dp, t.vbuf.data());
+    pv_accumulate(S, kMaxBlockKeys, M, V.ptr, V.ld, nb, Dp, O, Dp);
+  }
+}
+
+}  // namespace prefixrt
