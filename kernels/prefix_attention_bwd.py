@@ -63,17 +63,18 @@ def _dq_range(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Add ``dS K`` over keys ``[start, end)`` to ``dq`` ``[BLOCK_M, D]`` (unscaled)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_ptrs = K_BASE + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # [BLOCK_N, D]
+    v_ptrs = V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    mask_ptrs = MASK_BASE + offs_n * stride_maskn
+    for _ in range(start, end, BLOCK_N):
         valid_n = offs_n < end
-        k = tl.load(K_BASE + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=valid_n[:, None],
-                    other=0.0)  # fmt: skip
-        v = tl.load(V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid_n[:, None],
-                    other=0.0)  # fmt: skip
+        k = tl.load(k_ptrs, mask=valid_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid_n[:, None], other=0.0)
         if HAS_MASK:
-            keep = tl.load(MASK_BASE + offs_n * stride_maskn, mask=valid_n, other=0)
-            valid_n = valid_n & (keep != 0)
+            valid_n = valid_n & (tl.load(mask_ptrs, mask=valid_n, other=0) != 0)
+            mask_ptrs += BLOCK_N * stride_maskn
         visible = valid_n[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
@@ -82,6 +83,9 @@ def _dq_range(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        offs_n += BLOCK_N
     return dq
 
 
@@ -154,14 +158,19 @@ def _dkdv_range(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Add ``dS^T Q`` (unscaled) and ``P^T dO`` over queries ``[start, end)`` to ``dk``, ``dv`` ``[BLOCK_N, D]``."""
+    offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+    q_ptrs = Q_BASE + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # [BLOCK_M, D]
+    do_ptrs = DO_BASE + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    lse_ptrs = LSE_BASE + offs_m * stride_lm
+    delta_ptrs = DELTA_BASE + offs_m * stride_dm
+    for _ in range(start, end, BLOCK_M):
         valid_m = offs_m < end
-        q, do, lse2, delta = _load_query_side(
-            Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, offs_m, valid_m, offs_d,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
-        )  # fmt: skip
+        q = tl.load(q_ptrs, mask=valid_m[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=valid_m[:, None], other=0.0)
+        lse = tl.load(lse_ptrs, mask=valid_m, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+        delta = tl.load(delta_ptrs, mask=valid_m, other=0.0)
         visible = valid_n[:, None] & valid_m[None, :]
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
@@ -171,6 +180,11 @@ def _dkdv_range(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+        lse_ptrs += BLOCK_M * stride_lm
+        delta_ptrs += BLOCK_M * stride_dm
+        offs_m += BLOCK_M
     return dk, dv
 
 

@@ -71,20 +71,19 @@ def _attend_range(
     DOT_PRECISION: tl.constexpr,
 ):
     """Fold keys ``[start, end)`` of one K/V sequence into the running ``(acc, l_i, m_i)`` (base-2 scores)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_ptrs = K_BASE + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
+    v_ptrs = V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, D]
+    mask_ptrs = MASK_BASE + offs_n * stride_maskn
+    for _ in range(start, end, BLOCK_N):
         valid_n = offs_n < end
         # -- scores [BLOCK_M, BLOCK_N]
-        k = tl.load(
-            K_BASE + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=valid_n[None, :],
-            other=0.0,
-        )
+        k = tl.load(k_ptrs, mask=valid_n[None, :], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if HAS_MASK:
-            keep = tl.load(MASK_BASE + offs_n * stride_maskn, mask=valid_n, other=0)
-            valid_n = valid_n & (keep != 0)
+            valid_n = valid_n & (tl.load(mask_ptrs, mask=valid_n, other=0) != 0)
+            mask_ptrs += BLOCK_N * stride_maskn
         visible = valid_n[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
@@ -95,13 +94,12 @@ def _attend_range(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=valid_n[:, None],
-            other=0.0,
-        )
+        v = tl.load(v_ptrs, mask=valid_n[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        offs_n += BLOCK_N
     return acc, l_i, m_i
 
 

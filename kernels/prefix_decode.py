@@ -65,23 +65,36 @@ def prefix_decode_grouped_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base = BANK_K + h * stride_bkh + lo * stride_bks
-    v_base = BANK_V + h * stride_bvh + lo * stride_bvs
-    for n0 in range(0, plen, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = (
+        BANK_K
+        + h * stride_bkh
+        + lo * stride_bks
+        + offs_n[None, :] * stride_bks
+        + offs_d[:, None] * stride_bkd
+    )
+    v_ptrs = (
+        BANK_V
+        + h * stride_bvh
+        + lo * stride_bvs
+        + offs_n[:, None] * stride_bvs
+        + offs_d[None, :] * stride_bvd
+    )
+    for _ in range(0, plen, BLOCK_N):
         valid_n = offs_n < plen
-        k = tl.load(k_base + offs_n[None, :] * stride_bks + offs_d[:, None] * stride_bkd, mask=valid_n[None, :],
-                    other=0.0)  # fmt: skip
+        k = tl.load(k_ptrs, mask=valid_n[None, :], other=0.0)  # [D, BLOCK_N]
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(valid_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])  # every group row sees every prefix key: m_new is finite
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_bvs + offs_d[None, :] * stride_bvd, mask=valid_n[:, None],
-                    other=0.0)  # fmt: skip
+        v = tl.load(v_ptrs, mask=valid_n[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_bks
+        v_ptrs += BLOCK_N * stride_bvs
+        offs_n += BLOCK_N
 
     l_safe, lse = _finish_partial(l_i, m_i)
     o_ptrs = O_PART + rows[:, None] * stride_pb + h * stride_ph + offs_d[None, :] * stride_pd
@@ -112,22 +125,22 @@ def prefix_decode_split_kernel(
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     start = c * CHUNK
     end = tl.minimum(start + CHUNK, TK)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    mask_ptrs = MASK + b * stride_maskb + offs_n * stride_maskn
 
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    for _ in range(start, end, BLOCK_N):
         valid_n = offs_n < end
         if HAS_MASK:
-            keep = tl.load(MASK + b * stride_maskb + offs_n * stride_maskn, mask=valid_n, other=0)
-            valid_n = valid_n & (keep != 0)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=valid_n[:, None],
-                    other=0.0).to(tl.float32)  # fmt: skip
+            valid_n = valid_n & (tl.load(mask_ptrs, mask=valid_n, other=0) != 0)
+            mask_ptrs += BLOCK_N * stride_maskn
+        k = tl.load(k_ptrs, mask=valid_n[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, D]
         s = tl.sum(k * q[None, :], 1) * qk_scale  # [BLOCK_N]
         s = tl.where(valid_n, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
@@ -135,10 +148,12 @@ def prefix_decode_split_kernel(
         p = tl.exp2(s - m_safe)
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid_n[:, None],
-                    other=0.0).to(tl.float32)  # fmt: skip
+        v = tl.load(v_ptrs, mask=valid_n[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        offs_n += BLOCK_N
 
     l_safe, lse = _finish_partial(l_i, m_i)
     part = (1 + c).to(tl.int64)
