@@ -17,6 +17,7 @@ from prefixrt.tasks import (
     MixedTaskBatchSampler,
     MixedTaskDataset,
     collapse,
+    decode_generated,
     encode_causal,
     encode_examples,
     encode_prompt,
@@ -368,6 +369,24 @@ def test_bart_layout(bart_tok):
     assert bart_tok.decode(row.labels, skip_special_tokens=True) == "A serves Thai food."
     assert len(encode_seq2seq("a b c d e f g", "x y z", bart_tok, max_source_tokens=4).input_ids) == 4
     assert encode_seq2seq("a", None, bart_tok).labels is None
+
+
+def test_decode_generated_inverts_the_layouts(gpt2_tok, bart_tok, e2e_dev):
+    # causal: a left-padded prompt batch, then the continuation, its <eos>, and padding after it
+    sources = collapse(e2e_dev)[:2]
+    prompts = encode_examples(sources, gpt2_tok, "causal", prompts=True)
+    batch = Collator(50256, padding_side="left")(prompts)
+    width = batch["input_ids"].shape[1]
+    conts = [gpt2_tok.encode(s.tgt) + [50256] for s in sources]
+    tail = max(len(c) for c in conts) + 2
+    seqs = torch.full((2, width + tail), 50256)
+    seqs[:, :width] = batch["input_ids"]
+    for i, c in enumerate(conts):
+        seqs[i, width : width + len(c)] = torch.tensor(c)
+    assert decode_generated(seqs, gpt2_tok, "causal", prompt_width=width) == [s.tgt for s in sources]
+    # seq2seq: decoder start </s>, <s>, the text, </s>, <pad>
+    ids = bart_tok("A serves Thai food.")["input_ids"]
+    assert decode_generated([[2, *ids, 1, 1]], bart_tok, "seq2seq") == ["A serves Thai food."]
 
 
 def test_layout_for():

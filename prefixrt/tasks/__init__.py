@@ -8,7 +8,8 @@ Data
     low-data sets.
 Layouts and batches
     :func:`encode_examples` / :func:`encode_causal` / :func:`encode_prompt` / :func:`encode_seq2seq` build the
-    paper's ``src <bos> tgt <eos>`` (GPT-2) and encoder/decoder (BART) rows; :class:`Collator` pads them and adds
+    paper's ``src <bos> tgt <eos>`` (GPT-2) and encoder/decoder (BART) rows, :func:`decode_generated` reads
+    ``generate``'s output back; :class:`Collator` pads them and adds
     ``task_ids``; :class:`MixedTaskDataset` and :class:`MixedTaskBatchSampler` mix tasks in one batch.
 Metrics and reports
     :func:`score` (``"table-to-text"`` or ``"summarization"``), the single metrics, :func:`write_scores`,
@@ -21,6 +22,7 @@ from prefixrt.tasks.e2e import load_e2e_csv
 from prefixrt.tasks.encode import (
     LAYOUTS,
     Encoded,
+    decode_generated,
     encode_causal,
     encode_examples,
     encode_prompt,
@@ -53,6 +55,7 @@ __all__ = [
     "chrf",
     "cider_d",
     "collapse",
+    "decode_generated",
     "encode_causal",
     "encode_examples",
     "encode_prompt",

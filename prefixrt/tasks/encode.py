@@ -28,6 +28,7 @@ from prefixrt.tasks.examples import Example
 __all__ = [
     "LAYOUTS",
     "Encoded",
+    "decode_generated",
     "encode_causal",
     "encode_examples",
     "encode_prompt",
@@ -197,4 +198,38 @@ def encode_examples(
                 **lim,
             )
         )
+    return out
+
+
+def decode_generated(sequences: Any, tokenizer: Any, layout: str, *, prompt_width: int = 0) -> list[str]:
+    """Text of generated rows: the inverse of the layouts, for scoring ``model.generate`` output.
+
+    Parameters
+    ----------
+    sequences : LongTensor [B, S] or list of list of int
+        ``generate``'s output (several rows per source when ``num_return_sequences > 1``, in that order).
+    tokenizer : PreTrainedTokenizerBase
+        The model's tokenizer.
+    layout : {"causal", "seq2seq"}
+        Causal: each row is the (left-padded) prompt followed by the continuation; the first ``prompt_width``
+        columns (the padded prompt batch's width) are dropped. Seq2seq: the first column, the decoder start
+        token, is dropped.
+    prompt_width : int
+        Width of the prompt batch (causal only).
+
+    Returns
+    -------
+    list of str
+        Per row, the tokens up to the first eos token, decoded without special tokens and stripped.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    start = prompt_width if layout == "causal" else 1
+    eos = tokenizer.eos_token_id
+    out = []
+    for row in sequences.tolist() if hasattr(sequences, "tolist") else sequences:
+        gen = list(row[start:])
+        if eos is not None and eos in gen:
+            gen = gen[: gen.index(eos)]
+        out.append(tokenizer.decode(gen, skip_special_tokens=True).strip())
     return out
