@@ -13,32 +13,15 @@
 #include <limits>
 #include <vector>
 
-#include "microkernels.h"
+#include "block_scores.h"
 
 namespace prefixrt {
-
-constexpr int64_t kMaxBlockKeys = 128;  // keys per block (rounded to kPanel); S, Kt are [rows, 128]
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Keys n0 of a segment: rows of K and V (element type T, row strides ldk/ldv) and an optional
-// key mask (true = visible, stride 1).
-template <typename T>
-struct Segment {
-  const T* k;
-  int64_t ldk;
-  const T* v;
-  int64_t ldv;
-  int64_t n;
-  const bool* key_mask;
-};
 
 struct Tile {
   int64_t max_rows, D, Dp;
   std::vector<float> q, o, m, l;  // q, o: [max_rows, Dp]; m, l: [max_rows]
   std::vector<float> s;           // [max_rows, kMaxBlockKeys] scores, then probabilities
-  std::vector<float> kt;          // [Dp, kMaxBlockKeys] transposed keys (packed path)
-  std::vector<float> kbuf, vbuf;  // [kMaxBlockKeys, Dp] widened K / V rows (16-bit inputs, odd D)
-  std::vector<float> mask;        // [kMaxBlockKeys] additive key mask (0 or -inf)
+  BlockScratch blk;
 
   Tile(int64_t max_rows_, int64_t D_)
       : max_rows(max_rows_),
@@ -49,10 +32,7 @@ struct Tile {
         m(max_rows_),
         l(max_rows_),
         s(max_rows_ * kMaxBlockKeys),
-        kt(Dp * kMaxBlockKeys),
-        kbuf(kMaxBlockKeys * Dp),
-        vbuf(kMaxBlockKeys * Dp),
-        mask(kMaxBlockKeys) {}
+        blk(Dp) {}
 
   // Empty state for the first `rows` rows.
   void reset(int64_t rows) {
@@ -82,13 +62,6 @@ struct Tile {
     return kNegInf;
   }
 };
-
-// Key blocks of a segment of n keys: as few blocks of at most kMaxBlockKeys as possible, of equal
-// size rounded up to kPanel (a 200-key prefix is 2 blocks of 112 / 88, not 128 + 72).
-inline int64_t block_keys(int64_t n) {
-  const int64_t blocks = (n + kMaxBlockKeys - 1) / kMaxBlockKeys;
-  return std::min(kMaxBlockKeys, round_up((n + blocks - 1) / blocks, kPanel));
-}
 
 // Online-softmax update of rows [0, M) of S [M, ncols] (already masked): turns S into P and
 // rescales.
@@ -126,52 +99,22 @@ inline void softmax_update(float* S, int64_t lds, int64_t M, int64_t ncols, floa
 template <typename T>
 void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const int64_t* limit) {
   const int64_t Dp = t.Dp;
-  float* Q = t.q.data() + r0 * Dp;
+  const float* Q = t.q.data() + r0 * Dp;
   float* O = t.o.data() + r0 * Dp;
   float* S = t.s.data();
-  int64_t n_used = limit ? 0 : seg.n;
-  if (limit)
-    for (int64_t i = 0; i < M; ++i) n_used = std::max(n_used, std::min(limit[i], seg.n));
+  const int64_t n_used = keys_used(seg.n, M, limit);
   if (n_used <= 0 || M <= 0) return;
   const int64_t step = block_keys(n_used);
-
   for (int64_t j0 = 0; j0 < n_used; j0 += step) {
     const int64_t nb = std::min(step, n_used - j0);
     const int64_t ncols = round_up(nb, kPanel);
-    // -- scores S[0:M, 0:nb] = Q K^T
-    const RowsF32 K = rows_f32(seg.k + j0 * seg.ldk, seg.ldk, nb, t.D, Dp, t.kbuf.data());
-    if (M <= kDotRows) {
-      qk_dot(Q, Dp, M, K.ptr, K.ld, nb, Dp, S, kMaxBlockKeys);
-    } else {
-      float* Kt = t.kt.data();
-      transpose_f32(K.ptr, K.ld, nb, Dp, Kt,
-                    kMaxBlockKeys);  // columns nb:ncols are junk, masked below
-      qk_packed(Q, Dp, M, Kt, kMaxBlockKeys, ncols, Dp, S, kMaxBlockKeys);
-    }
-    // -- masks: padding columns and causal tails to -inf, then the additive key mask
-    for (int64_t i = 0; i < M; ++i) {
-      const int64_t visible = limit ? std::clamp<int64_t>(limit[i] - j0, 0, nb) : nb;
-      std::fill(S + i * kMaxBlockKeys + visible, S + i * kMaxBlockKeys + ncols, kNegInf);
-    }
-    if (seg.key_mask) {
-      bool all_visible = true;
-      for (int64_t j = 0; j < nb; ++j) {
-        t.mask[j] = seg.key_mask[j0 + j] ? 0.f : kNegInf;
-        all_visible &= seg.key_mask[j0 + j];
-      }
-      if (!all_visible) {
-        for (int64_t i = 0; i < M; ++i) {
-          float* s = S + i * kMaxBlockKeys;
-          int64_t j = 0;
-          for (; j + kVec <= nb; j += kVec)
-            (Vec::loadu(s + j) + Vec::loadu(t.mask.data() + j)).store(s + j);
-          for (; j < nb; ++j) s[j] += t.mask[j];
-        }
-      }
-    }
+    // -- S = Q K^T, masked
+    const RowsF32 K = rows_f32(seg.k + j0 * seg.ldk, seg.ldk, nb, t.D, Dp, t.blk.kbuf.data());
+    block_products(Q, Dp, M, K, nb, ncols, Dp, S, kMaxBlockKeys, t.blk.kt.data());
+    apply_masks(S, kMaxBlockKeys, M, nb, ncols, j0, limit, seg.key_mask, t.blk.mask.data());
     // -- online softmax, then O += P V
     softmax_update(S, kMaxBlockKeys, M, ncols, t.m.data() + r0, t.l.data() + r0, O, Dp, Dp);
-    const RowsF32 V = rows_f32(seg.v + j0 * seg.ldv, seg.ldv, nb, t.D, Dp, t.vbuf.data());
+    const RowsF32 V = rows_f32(seg.v + j0 * seg.ldv, seg.ldv, nb, t.D, Dp, t.blk.vbuf.data());
     pv_accumulate(S, kMaxBlockKeys, M, V.ptr, V.ld, nb, Dp, O, Dp);
   }
 }

@@ -104,6 +104,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const at::Tensor& bank_v, const at::Tensor& prefix_ids, const at::Tensor& bank_offsets,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& bank_k, const at::Tensor& bank_v, const at::Tensor& prefix_ids,
+    const at::Tensor& bank_offsets, const std::optional<at::Tensor>& key_padding_mask, bool causal,
+    double scale, const at::Tensor& out, const at::Tensor& lse);
+
 // A string naming the SIMD path this build was compiled for ("avx2" or "default").
 inline std::string simd_isa() {
 #if defined(CPU_CAPABILITY_AVX2)
