@@ -1,0 +1,7 @@
+"""The generation engine: ``generate`` (drop-in for HF ``generate()`` on an attached model) and ``Engine``
+(continuous batching over a bounded K/V pool, streaming, abort, bank changes while running)."""
+
+from prefixrt.engine.config import UnsupportedGenerationArgument
+from prefixrt.engine.generate import generate
+
+__all__ = ["UnsupportedGenerationArgument", "generate"]

@@ -1,0 +1,224 @@
+"""``prefixrt.generate``: the drop-in for Hugging Face ``generate()`` on an attached model, with our own loop.
+
+Same arguments, same result: ``generate(model, input_ids, attention_mask, prefix_ids, **kwargs)`` returns the
+tensor ``model.generate(...)`` returns (GPT-2: the prompt as given, then the new tokens; BART: the
+decoder-start token, then the new tokens; finished rows filled with ``pad_token_id``; beam search's
+``num_return_sequences`` best hypotheses per input, best first). Greedy and beam search give HF's tokens; sampling
+follows HF's processors and warpers with a per-row generator (see :mod:`prefixrt.engine.sampling`).
+
+What is different is the loop: preallocated K/V (:mod:`prefixrt.engine.kv`), prompts stored once per input and
+shared by its beams, prefixes read from the bank in place and once per distinct id per step
+(:mod:`prefixrt.engine.attention`), finished rows and finished beam-search inputs removed from the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from prefixrt.engine import config as cfg
+from prefixrt.engine.bankview import BankView
+from prefixrt.engine.batch import Batch
+from prefixrt.engine.beam import BeamSearch
+from prefixrt.engine.capture import maybe_graphed_decode
+from prefixrt.engine.processors import build_processors
+from prefixrt.engine.runners import runner_for
+from prefixrt.engine.sampling import base_seed, row_generators, select
+from prefixrt.hf import binding_of
+
+__all__ = ["generate"]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    prefix_ids: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> torch.LongTensor:
+    """Generate for a batch of mixed-prefix rows, returning exactly what ``model.generate`` returns.
+
+    Parameters
+    ----------
+    model : GPT2LMHeadModel or BartForConditionalGeneration, attached with ``prefixrt.attach(model, bank)``
+    input_ids : LongTensor ``[B, T]``
+        GPT-2: prompts, left-padded. BART: sources.
+    attention_mask : Tensor ``[B, T]`` or None
+        1 for real tokens. GPT-2 infers it from ``pad_token_id`` like HF when None.
+    prefix_ids : LongTensor ``[B]``
+        Bank id per row (``bank.ids([...])``), ``-1`` for no prefix.
+    generation_config : GenerationConfig, optional
+    seed, generator : sampling only; output row ``r`` draws from a generator seeded with ``seed + r`` (``seed``
+        itself drawn from ``generator`` or torch's global generator when not given).
+    **kwargs :
+        Generation settings (``max_new_tokens``, ``min_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ``repetition_penalty``, ``num_beams``, ``length_penalty``, ``early_stopping``,
+        ``num_return_sequences``, ``bad_words_ids``, ``eos_token_id``, ``pad_token_id``, ...; see
+        :data:`prefixrt.engine.config.HONORED`). Anything else raises
+        :class:`~prefixrt.engine.config.UnsupportedGenerationArgument` naming it.
+
+    Returns
+    -------
+    LongTensor ``[B * num_return_sequences, L]``
+
+    >>> out = prefixrt.generate(model, ids, attention_mask=mask, prefix_ids=bank.ids(["e2e", None]),
+    ...                         max_new_tokens=20, num_beams=4)          # doctest: +SKIP
+    """
+    binding = binding_of(model)
+    runner = runner_for(model)
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    if input_ids is None:
+        raise cfg.UnsupportedGenerationArgument(
+            "prefixrt.generate needs input_ids (a BOS-only start is unsupported)"
+        )
+    resolved = cfg.resolve(model, generation_config, kwargs)
+    config = resolved.config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(
+            f"input_ids must be a LongTensor [batch, length], got {getattr(input_ids, 'shape', None)}"
+        )
+    device = runner.device
+    input_ids = input_ids.to(device)
+    batch_size, length = input_ids.shape
+    if prefix_ids is None:
+        raise ValueError(
+            "this model is attached to a prefix bank: pass prefix_ids=LongTensor[batch] (one bank id per row, -1 "
+            "for no prefix) to forward() or generate()"
+        )
+    binding.check_ids(prefix_ids, batch_size)
+    cfg.special_tokens(model, config, attention_mask is not None, device, batch_size)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        attention_mask = attention_mask.to(device)
+
+    view = BankView.of(binding.bank, runner.dtype, device)
+    pids = prefix_ids.tolist()
+    num_beams, num_return = config.num_beams, config.num_return_sequences
+    width = num_beams if resolved.mode == "beam" else num_return
+    expand = max(num_beams, num_return)
+    shift_of = (
+        (lambda pid: view.length("decoder", pid)) if binding.position_offset == "prefix" else (lambda pid: 0)
+    )
+
+    if runner.model_type == "gpt2":
+        if attention_mask is None:
+            attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
+        mask = attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        shifts = torch.tensor([shift_of(p) for p in pids], dtype=torch.long, device=device)
+        padded = not bool((mask == 1).all())
+        start = input_ids
+        cfg.prepare_lengths(model, resolved, length)
+        proc_mask = mask.repeat_interleave(expand, dim=0) if padded else None
+        processors = build_processors(model, config, length, input_ids, proc_mask, device)
+        batch = Batch(
+            runner,
+            runner.make_stores(batch_size, batch_size * width, length, config.max_length - length),
+            binding.backend,
+        )
+        key = batch.add_view(view)
+        logits = runner.prefill(
+            batch,
+            input_ids,
+            mask.bool() if padded else None,
+            positions + shifts[:, None],
+            pids,
+            key,
+            [width] * batch_size,
+        )
+    else:
+        start_token = config._decoder_start_token_tensor
+        if start_token.dim() > 0 and start_token.numel() > 1:
+            raise cfg.UnsupportedGenerationArgument(
+                "prefixrt.generate does not support per-row decoder_start_token_id"
+            )
+        start = torch.full((batch_size, 1), int(start_token), dtype=torch.long, device=device)
+        cfg.prepare_lengths(model, resolved, 1)
+        processors = build_processors(model, config, 1, input_ids, None, device)
+        src_mask = None
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
+            src_mask = attention_mask.bool()
+        batch = Batch(
+            runner,
+            runner.make_stores(batch_size, batch_size * width, 1, config.max_length - 1, length),
+            binding.backend,
+        )
+        key = batch.add_view(view)
+        logits = runner.prefill(
+            batch,
+            input_ids,
+            src_mask,
+            int(start_token),
+            [shift_of(p) for p in pids],
+            pids,
+            key,
+            [width] * batch_size,
+        )
+
+    decode = maybe_graphed_decode(batch)
+    if resolved.mode == "beam":
+        return _beam(batch, decode, logits, config, processors, start)
+    seeds = None
+    if resolved.mode == "sample":
+        first = base_seed(seed, generator)
+        seeds = [first + r for r in range(batch_size * width)]
+    return _greedy_or_sample(
+        batch, decode, logits, config, processors, start.repeat_interleave(width, dim=0), width, seeds
+    )
+
+
+def _greedy_or_sample(batch, decode, logits, config, processors, start, width, seeds):
+    """HF ``_sample`` semantics; finished rows leave the batch and are padded in the output."""
+    rows, cur_len = start.shape
+    device = start.device
+    pad, eos = config._pad_token_tensor, config._eos_token_tensor
+    sequences = torch.full(
+        (rows, config.max_length), int(pad) if pad is not None else 0, dtype=torch.long, device=device
+    )
+    sequences[:, :cur_len] = start
+    generators = row_generators(seeds, device) if seeds is not None else None
+    active = list(range(rows))
+    if width > 1:
+        logits = logits.repeat_interleave(width, dim=0)
+    while True:
+        index = torch.tensor(active, dtype=torch.long, device=device)
+        scores = logits.float()
+        if processors:
+            scores = processors(sequences[index, :cur_len], scores, index)
+        tokens = select(scores, seeds is not None, [generators[r] for r in active] if generators else None)
+        sequences[index, cur_len] = tokens
+        cur_len += 1
+        if cur_len >= config.max_length:
+            break
+        if eos is not None:
+            finished = torch.isin(tokens, eos).tolist()
+            keep = [i for i, f in enumerate(finished) if not f]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                batch.keep(keep)
+                active = [active[i] for i in keep]
+                tokens = tokens[torch.tensor(keep, device=device)]
+        logits = decode(tokens)
+    return sequences[:, :cur_len]
+
+
+def _beam(batch, decode, logits, config, processors, start):
+    search = BeamSearch(config, start)
+    logits = logits.repeat_interleave(config.num_beams, dim=0)
+    while True:
+        tokens, rows = search.step(logits, processors)
+        if search.active == 0:
+            break
+        batch.keep(rows)
+        logits = decode(tokens)
+    return search.output()
