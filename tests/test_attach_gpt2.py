@@ -21,7 +21,7 @@ def prefix_in_cache_logits(model, bank, name, input_ids, attention_mask, start_p
     kwargs = {}
     if start_position is not None:
         kwargs["position_ids"] = torch.arange(input_ids.shape[1])[None] + start_position
-    return model(input_ids, attention_mask=mask, cache=cache, **kwargs).logits
+    return model(input_ids, attention_mask=mask, past_key_values=cache, **kwargs).logits
 
 
 @pytest.fixture
@@ -97,8 +97,7 @@ def test_incremental_decoding_with_cache_equals_full_forward(setup):
     first = model(ids[:, :6], attention_mask=mask[:, :6], prefix_ids=prefix_ids, use_cache=True)
     cache = first.cache if hasattr(first, "cache") else first.past_key_values
     assert cache.get_seq_length() == 6  # the cache holds real tokens only, never the prefix
-    position_ids = None
-    step = model(ids[:, 6:], attention_mask=mask, prefix_ids=prefix_ids, cache=cache, position_ids=position_ids)
+    step = model(ids[:, 6:], attention_mask=mask, prefix_ids=prefix_ids, past_key_values=cache)
     torch.testing.assert_close(step.logits, full[:, 6:], atol=2e-5, rtol=1e-4)
 
 
