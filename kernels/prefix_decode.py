@@ -8,7 +8,7 @@ Three kernels, Hydragen / FlashInfer-cascade style:
 2. ``prefix_decode_split_kernel``: flash-decoding over each row's own cache, cut into ``SPLITS`` chunks.
    Writes partials ``1 .. SPLITS``.
 3. ``prefix_decode_merge_kernel``: merges a row's partials by log-sum-exp (partial 0 only when the row has a
-   prefix; rows with id ``-1`` are in no group).
+   prefix; rows with id ``-1`` are in no group). With a single chunk the split kernel merges itself.
 
 Partials are fp32 outputs normalised within their part plus a natural-log LSE (``-inf`` when the part saw no
 key). Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton_decode`.
@@ -104,19 +104,24 @@ def prefix_decode_grouped_kernel(
 
 @triton.jit
 def prefix_decode_split_kernel(
-    Q, K, V, MASK, O_PART, LSE_PART,
+    Q, K, V, MASK, O_PART, LSE_PART, IDS, OFFSETS, OUT, LSE,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_maskb, stride_maskn,
     stride_pb, stride_ph, stride_pp, stride_pd,
     stride_lb, stride_lh, stride_lp,
-    H, TK, CHUNK, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    stride_ob, stride_oh, stride_od,
+    stride_lob, stride_loh,
+    H, TK, CHUNK, N_ENTRIES, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_MERGE: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(B * H, SPLITS)``: one row's query against own keys ``[c * CHUNK, (c + 1) * CHUNK)``.
 
     K/V ``[B, H, TK, D]`` (a cache view: any strides), MASK ``[B, TK]`` uint8; writes partial ``1 + c``.
+    With ``FUSE_MERGE`` (one chunk: ``SPLITS == 1``) it instead merges its result with partial 0 (the prefix,
+    written by the grouped kernel earlier on the stream) and writes OUT ``[B, H, 1, D]`` (strides b, h, d)
+    and LSE ``[B, H, 1]`` itself, saving the merge launch.
     A single query has no tl.dot: scores are an elementwise product summed over D (decode is memory-bound).
     """
     bh = tl.program_id(0)
@@ -156,9 +161,30 @@ def prefix_decode_split_kernel(
         offs_n += BLOCK_N
 
     l_safe, lse = _finish_partial(l_i, m_i)
-    part = (1 + c).to(tl.int64)
-    tl.store(O_PART + b * stride_pb + h * stride_ph + part * stride_pp + offs_d * stride_pd, acc / l_safe)
-    tl.store(LSE_PART + b * stride_lb + h * stride_lh + part * stride_lp + tl.arange(0, 1), lse)
+    out = acc / l_safe
+    one = tl.arange(0, 1)
+    if FUSE_MERGE:
+        # partial 0 exists only for a row with a non-empty prefix: fold that into the load masks
+        _, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
+        has = (plen > 0).to(tl.int32)
+        lse0 = tl.load(LSE_PART + b * stride_lb + h * stride_lh + one, mask=one < has, other=float("-inf"))
+        o0 = tl.load(O_PART + b * stride_pb + h * stride_ph + offs_d * stride_pd, mask=offs_d < HEAD_DIM * has,
+                     other=0.0)  # fmt: skip
+        m = tl.maximum(lse0, lse)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w0 = tl.exp(lse0 - m_safe)
+        w1 = tl.exp(lse - m_safe)
+        total = w0 + w1
+        seen = total > 0.0
+        t_safe = tl.where(seen, total, 1.0)
+        out = (w0 * o0 + w1 * out) / t_safe
+        lse = tl.where(seen, m_safe + tl.log(t_safe), float("-inf"))
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty))
+        tl.store(LSE + b * stride_lob + h * stride_loh + one, lse)
+    else:
+        part = (1 + c).to(tl.int64)
+        tl.store(O_PART + b * stride_pb + h * stride_ph + part * stride_pp + offs_d * stride_pd, out)
+        tl.store(LSE_PART + b * stride_lb + h * stride_lh + part * stride_lp + one, lse)
 
 
 @triton.jit

@@ -31,9 +31,8 @@ MAX_KV_SPLITS = 16
 
 def default_kv_splits(batch_heads: int, k_len: int, block_n: int, device: torch.device) -> int:
     """Chunks per row's own cache: enough (row, head, chunk) programs for about two waves of SMs, each chunk
-    at least ``block_n`` keys, at most :data:`MAX_KV_SPLITS`. 1 off the GPU."""
-    if k_len == 0:
-        return 0
+    at least ``block_n`` keys, at most :data:`MAX_KV_SPLITS`. 1 off the GPU. With one chunk the own-cache
+    kernel merges with the prefix part itself (two launches instead of three)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -98,13 +97,14 @@ def prefix_decode(
     opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
     splits = default_kv_splits(batch * heads, tk, block_n, q.device) if kv_splits is None else kv_splits
-    splits = min(max(splits, 1), triton.cdiv(tk, block_n)) if tk > 0 else 0
-    chunk = triton.cdiv(triton.cdiv(tk, splits), block_n) * block_n if splits else 0
-    splits = triton.cdiv(tk, chunk) if splits else 0
-    n_parts = 1 + splits
-    o_part = torch.empty(batch, heads, n_parts, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch, heads, n_parts, dtype=torch.float32, device=q.device)
+    splits = min(max(splits, 1), max(triton.cdiv(tk, block_n), 1))
+    chunk = triton.cdiv(triton.cdiv(max(tk, 1), splits), block_n) * block_n
+    splits = max(triton.cdiv(tk, chunk), 1)  # an empty cache still runs one (empty) chunk
+    fuse_merge = splits == 1
+    o_part = torch.empty(batch, heads, 1 + splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, heads, 1 + splits, dtype=torch.float32, device=q.device)
     q_strides = (q.stride(0), q.stride(1), q.stride(3))
+    out_strides = (out.stride(0), out.stride(1), out.stride(3), lse.stride(0), lse.stride(1))
     qk_scale = scale * LOG2E
 
     # -- part 0: each group of rows sharing an entry against that entry's prefix (read once per group)
@@ -116,21 +116,21 @@ def prefix_decode(
             n_entries, qk_scale,
             HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype), **opts,
         )  # fmt: skip
-    # -- parts 1..splits: flash-decoding over each row's own keys
-    if splits:
-        mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
-        prefix_decode_split_kernel[(batch * heads, splits)](
-            q, k, v, mask, o_part, lse_part,
-            *q_strides, *k.stride(), *v.stride(), smb, smn, *o_part.stride(), *lse_part.stride(),
-            heads, tk, chunk, qk_scale,
-            HEAD_DIM=head_dim, BLOCK_N=block_n, HAS_MASK=has_mask, **opts,
-        )  # fmt: skip
+    # -- parts 1..splits: flash-decoding over each row's own keys (merged right there when there is one chunk)
+    mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
+    prefix_decode_split_kernel[(batch * heads, splits)](
+        q, k, v, mask, o_part, lse_part, prefix_ids, bank_offsets, out, lse,
+        *q_strides, *k.stride(), *v.stride(), smb, smn, *o_part.stride(), *lse_part.stride(), *out_strides,
+        heads, tk, chunk, n_entries, qk_scale,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, HAS_MASK=has_mask, FUSE_MERGE=fuse_merge, **opts,
+    )  # fmt: skip
+    if fuse_merge:
+        return out, lse
     # -- merge by log-sum-exp
     prefix_decode_merge_kernel[(batch * heads,)](
         o_part, lse_part, prefix_ids, bank_offsets, out, lse,
-        *o_part.stride(), *lse_part.stride(), out.stride(0), out.stride(1), out.stride(3),
-        lse.stride(0), lse.stride(1),
-        heads, n_parts, n_entries,
-        HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(n_parts),
+        *o_part.stride(), *lse_part.stride(), *out_strides,
+        heads, 1 + splits, n_entries,
+        HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(1 + splits),
     )  # fmt: skip
     return out, lse
