@@ -107,6 +107,9 @@ class PrefixTuner(nn.Module):
         Tokenizer for ``init_text`` strings.
     seed : int, optional
         Seed of the random start (the global RNG is left as it was); None draws from the global RNG.
+    dtype : torch.dtype, optional
+        Parameter dtype: float32, or float64 for a float64 model (the K/V are cast to the model's dtype in
+        attention, so half-precision models train float32 prefixes).
 
     Examples
     --------
@@ -137,6 +140,7 @@ class PrefixTuner(nn.Module):
         init_text: Any = None,
         tokenizer: Any = None,
         seed: int | None = None,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -147,8 +151,11 @@ class PrefixTuner(nn.Module):
             model = spec_or_model
             model.requires_grad_(False)
             spec = ModelSpec.from_config(model.config)
+            param = next(model.parameters())
             if device is None:
-                device = next(model.parameters()).device
+                device = param.device
+            if dtype is None and param.dtype == torch.float64:
+                dtype = torch.float64
         else:
             raise TypeError(
                 f"spec_or_model must be a prefixrt.ModelSpec or a GPT-2/BART model, got {type(spec_or_model).__name__}"
@@ -210,8 +217,7 @@ class PrefixTuner(nn.Module):
             per_task = [length if site in sites else 0 for length in lengths.values()]
             offsets = torch.tensor([0, *per_task], dtype=torch.long).cumsum(0)
             self.register_buffer(f"_offsets_{site}", offsets, persistent=False)
-        if device is not None:
-            self.to(device)
+        self.to(device=device, dtype=dtype or torch.float32)
         for name, kv in texts.items():
             self.init_from_kv(name, kv)
 
@@ -427,6 +433,7 @@ class PrefixTuner(nn.Module):
             "embed_dim": self.embed_dim,
             "prefix_dropout": self.prefix_dropout,
             "sites": list(self.sites),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     @classmethod
@@ -443,6 +450,7 @@ class PrefixTuner(nn.Module):
             prefix_dropout=config["prefix_dropout"],
             sites=config["sites"],
             seed=0,
+            dtype=getattr(torch, config.get("dtype", "float32")),
             device=device,
         )
 

@@ -1,0 +1,205 @@
+"""Training checkpoints: everything needed to continue a run exactly, in one safetensors file (never pickle).
+
+A checkpoint keeps what a bank drops -- the reparameterization MLP -- plus the optimizer and scheduler state, the
+RNG states and the step, so ``train(..., resume=True)`` continues bit for bit where the run stopped (PEFT saves
+only the prefix). Tensors go into the safetensors body, everything else into its JSON metadata:
+
+=====================  ==================================================================================
+key                    content
+=====================  ==================================================================================
+``tuner/<name>``       the tuner's state dict (``P'``, MLP weights, or the direct K/V)
+``optimizer/<i>/<k>``  optimizer state tensor ``k`` (``exp_avg``, ``step``, ...) of parameter ``i``
+``rng/cpu``            ``torch.get_rng_state()``; ``rng/cuda/<d>`` the CUDA generators when in use
+metadata ``format``    ``"prefixrt.train-checkpoint"``, ``version``
+metadata ``spec``      the model architecture (:class:`~prefixrt.ModelSpec` JSON)
+metadata ``tuner``     :meth:`PrefixTuner.config` (rebuilds the tuner's structure)
+metadata ``optimizer`` param groups and non-tensor state values (JSON)
+metadata ``scheduler`` the LR scheduler's state dict without its lambdas (JSON)
+metadata ``trainer``   step, epoch, the training config and a fingerprint of the data (JSON)
+=====================  ==================================================================================
+
+The file is written atomically (:func:`prefixrt.fileio.atomic_write`): a crash while saving leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefixrt.fileio import atomic_write
+from prefixrt.spec import ModelSpec
+from prefixrt.train.tuner import PrefixTuner
+
+__all__ = ["CheckpointError", "TrainCheckpoint", "load_checkpoint", "load_tuner", "save_checkpoint"]
+
+FORMAT_NAME = "prefixrt.train-checkpoint"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, written by something else, or does not match the run resuming it."""
+
+
+@dataclass
+class TrainCheckpoint:
+    """A checkpoint read back: the raw parts, to be restored into live objects with :meth:`restore`."""
+
+    path: Path
+    spec: ModelSpec
+    tuner_config: dict[str, Any]
+    tuner_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any] | None
+    rng: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+
+    def build_tuner(self, device: torch.device | str | None = None) -> PrefixTuner:
+        """A tuner with this checkpoint's structure and parameters."""
+        tuner = PrefixTuner.from_config(self.spec, self.tuner_config, device=device)
+        tuner.load_state_dict(self.tuner_state)
+        return tuner
+
+    def restore(
+        self,
+        tuner: PrefixTuner,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        rng: bool = True,
+    ) -> None:
+        """Load the parameters, optimizer and scheduler state and (``rng=True``) the RNG states."""
+        if tuner.config() != self.tuner_config or tuner.spec != self.spec:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint holds a tuner {self.tuner_config} for {self.spec.describe()}, "
+                f"but the run has {tuner.config()} for {tuner.spec.describe()}"
+            )
+        tuner.load_state_dict(self.tuner_state)
+        if optimizer is not None:
+            device = tuner.device
+            state = {
+                "state": {
+                    int(i): {
+                        k: v.to(device) if torch.is_tensor(v) and k != "step" else v for k, v in s.items()
+                    }
+                    for i, s in self.optimizer_state["state"].items()
+                },
+                "param_groups": self.optimizer_state["param_groups"],
+            }
+            optimizer.load_state_dict(state)
+        if scheduler is not None and self.scheduler_state is not None:
+            scheduler.load_state_dict({**scheduler.state_dict(), **self.scheduler_state})
+        if rng:
+            torch.set_rng_state(self.rng["cpu"])
+            cuda = [self.rng[k] for k in sorted(self.rng) if k.startswith("cuda/")]
+            if cuda and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    tuner: PrefixTuner,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    trainer: dict[str, Any] | None = None,
+) -> None:
+    """Write a training checkpoint (one safetensors file, atomically); see the module docstring for its layout."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in tuner.state_dict().items():
+        tensors[f"tuner/{name}"] = value.detach().contiguous().cpu()
+
+    optimizer_meta: dict[str, Any] = {"state": {}, "param_groups": []}
+    if optimizer is not None:
+        state_dict = optimizer.state_dict()
+        for index, state in state_dict["state"].items():
+            plain = {}
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer/{index}/{key}"] = value.detach().contiguous().cpu()
+                else:
+                    plain[key] = value
+            optimizer_meta["state"][str(index)] = plain
+        optimizer_meta["param_groups"] = state_dict["param_groups"]
+
+    scheduler_meta = None
+    if scheduler is not None:
+        scheduler_meta = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for d, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{d}"] = state
+
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "spec": tuner.spec.to_json(),
+        "tuner": json.dumps(tuner.config()),
+        "optimizer": json.dumps(optimizer_meta),
+        "scheduler": json.dumps(scheduler_meta),
+        "trainer": json.dumps(trainer or {}),
+    }
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_checkpoint(path: str | os.PathLike) -> TrainCheckpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError` when it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises several types for truncated or foreign files
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{str(path)!r} is not a prefixrt training checkpoint (metadata format={metadata.get('format')!r})"
+        )
+    if metadata.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format version {metadata.get('version')!r}; this prefixrt reads "
+            f"version {FORMAT_VERSION}"
+        )
+    try:
+        spec = ModelSpec.from_json(metadata["spec"])
+        tuner_config = json.loads(metadata["tuner"])
+        optimizer_meta = json.loads(metadata["optimizer"])
+        scheduler_state = json.loads(metadata["scheduler"])
+        trainer = json.loads(metadata["trainer"])
+    except Exception as err:
+        raise CheckpointError(f"{str(path)!r} has a corrupt checkpoint header ({err})") from err
+
+    tuner_state, rng = {}, {}
+    optimizer_state: dict[str, Any] = {
+        "state": {int(i): dict(s) for i, s in optimizer_meta["state"].items()},
+        "param_groups": optimizer_meta["param_groups"],
+    }
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "tuner":
+            tuner_state[rest] = value
+        elif kind == "optimizer":
+            index, _, name = rest.partition("/")
+            optimizer_state["state"].setdefault(int(index), {})[name] = value
+        elif kind == "rng":
+            rng[rest] = value
+    if "cpu" not in rng:
+        raise CheckpointError(f"{str(path)!r} is corrupt: it lacks the RNG state")
+    return TrainCheckpoint(
+        path, spec, tuner_config, tuner_state, optimizer_state, scheduler_state, rng, trainer
+    )
+
+
+def load_tuner(path: str | os.PathLike, device: torch.device | str | None = None) -> PrefixTuner:
+    """The tuner saved in a training checkpoint (e.g. to materialize it or to train on with new settings)."""
+    return load_checkpoint(path).build_tuner(device)
