@@ -62,7 +62,7 @@ def test_fully_padded_row_without_prefix_sees_nothing():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("shape", [(5, 23), (9, 4)], ids=["tq<tk", "tq>tk"])
+@pytest.mark.parametrize("shape", [(5, 23), (9, 4), (3, 0)], ids=["tq<tk", "tq>tk", "no-own-keys"])
 def test_query_and_key_lengths_differ(shape, causal):
     # non-causal: BART cross-attention; causal: chunked prefill against a cache (bottom-right aligned)
     q_len, k_len = shape

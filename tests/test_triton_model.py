@@ -8,6 +8,7 @@ from tiny import left_padded, random_bank, random_ids, tiny_bart, tiny_gpt2
 
 import prefixrt
 
+pytestmark = pytest.mark.slow  # whole models through the interpreter: tens of seconds each on CPU
 TOL = TOLERANCES[torch.float32]
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 

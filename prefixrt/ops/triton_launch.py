@@ -30,6 +30,7 @@ from prefixrt.ops.triton_plan import DecodePlan, bank_tiles, segments_for
 __all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "DecodePlan", "LOG2E"]
 
 LOG2E = 1.4426950408889634
+MAX_BANK_WORKSPACE = 256 * 2**20
 
 
 def check_supported(q: torch.Tensor) -> None:
@@ -203,7 +204,7 @@ def prefix_attention_bwd(
         return dq, dk, dv, dbank_k, dbank_v
     segments = segments_for(prefix_ids, bank_offsets)
     tiles = bank_tiles(segments, bank_k.shape[1], config.block_n)
-    splits = bank_splits or _default_bank_splits(tiles.bound * heads, batch, q)
+    splits = bank_splits or _default_bank_splits(tiles.bound * heads, batch, q, bank_k.numel())
     if splits == 1:
         acc_k, acc_v = dbank_k, dbank_v
         ws_stride = 0
@@ -224,12 +225,18 @@ def prefix_attention_bwd(
     return dq, dk, dv, dbank_k, dbank_v
 
 
-def _default_bank_splits(programs: int, batch: int, q: torch.Tensor) -> int:
-    """Row chunks per bank tile: enough programs for about two waves of the device's SMs, at most 8."""
+def _default_bank_splits(programs: int, batch: int, q: torch.Tensor, bank_numel: int) -> int:
+    """Row chunks per bank tile: enough programs for about two waves of the device's SMs, at most 8, and
+    an fp32 workspace (``2 * splits * H * S * D`` values) of at most :data:`MAX_BANK_WORKSPACE` bytes."""
     if not q.is_cuda:
         return 1
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     splits = 1
-    while splits < 8 and splits * 2 <= batch and programs * splits < 2 * sms:
+    while (
+        splits < 8
+        and splits * 2 <= batch
+        and programs * splits < 2 * sms
+        and 2 * (splits * 2) * bank_numel * 4 <= MAX_BANK_WORKSPACE
+    ):
         splits *= 2
     return splits
