@@ -92,3 +92,12 @@ def test_cache_hits_for_the_same_tensor_and_misses_after_an_in_place_change():
     # an equal but different tensor is planned anew (identity, not value, is the key)
     assert decode_plan_for(ids.clone(), offsets) is not fresh
     assert decode_plan_for(ids, offsets, group_size=32) is not fresh
+
+
+def test_inference_tensors_are_planned_every_call():
+    with torch.inference_mode():
+        ids, offsets = torch.tensor([1, 0]), offsets_of([2, 2])
+        first = decode_plan_for(ids, offsets)
+        ids[0] = 0  # no version counter records this
+        second = decode_plan_for(ids, offsets)
+    assert second is not first and second.segments.counts.tolist() == [2, 0]

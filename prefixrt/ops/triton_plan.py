@@ -12,7 +12,7 @@ Grids must be sized without reading device memory, so both tables have a static 
 unused slots hold entry ``-1`` (their programs do nothing). A plan depends only on ``prefix_ids`` and
 ``bank_offsets``; :func:`segments_for` and :func:`decode_plan_for` cache the last few plans keyed on those
 tensors' identity *and* version counter, so one plan serves every layer of a step and an in-place change
-of the ids is never missed.
+of the ids is never missed (inference-mode tensors have no version counter: they are planned every call).
 """
 
 from __future__ import annotations
@@ -190,6 +190,8 @@ class _PlanCache:
         )
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra, make):
+        if any(t.is_inference() for t in tensors):
+            return make()  # inference tensors have no version counter: an in-place change would go unseen
         for key, value in self.entries:
             if key[1] == extra and self._matches(key[0], tensors):
                 return value
