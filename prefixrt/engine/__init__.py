@@ -2,6 +2,16 @@
 (continuous batching over a bounded K/V pool, streaming, abort, bank changes while running)."""
 
 from prefixrt.engine.config import UnsupportedGenerationArgument
+from prefixrt.engine.engine import Engine, RequestOutput, RequestStatus, TokenEvent
 from prefixrt.engine.generate import generate
+from prefixrt.engine.params import SamplingParams
 
-__all__ = ["UnsupportedGenerationArgument", "generate"]
+__all__ = [
+    "Engine",
+    "RequestOutput",
+    "RequestStatus",
+    "SamplingParams",
+    "TokenEvent",
+    "UnsupportedGenerationArgument",
+    "generate",
+]
