@@ -14,6 +14,17 @@
 
 #include "vec_utils.h"
 
+// Fully unrolled loops over the MR rows of a tile, so that the accumulators live in registers
+// (without it GCC keeps the Vec arrays on the stack and stores them on every iteration: half the
+// speed).
+#if defined(__clang__)
+#define PREFIXRT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define PREFIXRT_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PREFIXRT_UNROLL
+#endif
+
 namespace prefixrt {
 
 constexpr int kDotRows = 4;  // qk_dot up to this many rows, qk_packed above
@@ -45,16 +56,19 @@ template <int MR>
 inline void qk_tile(const float* Q, int64_t ldq, const float* Kt, int64_t ldkt, int64_t Dp,
                     float* S, int64_t lds) {
   Vec acc[MR][2];
+  PREFIXRT_UNROLL
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
   for (int64_t d = 0; d < Dp; ++d) {
     const Vec b0 = Vec::loadu(Kt + d * ldkt);
     const Vec b1 = Vec::loadu(Kt + d * ldkt + kVec);
+    PREFIXRT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const Vec a(Q[r * ldq + d]);
       acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
       acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
     }
   }
+  PREFIXRT_UNROLL
   for (int r = 0; r < MR; ++r) {
     acc[r][0].store(S + r * lds);
     acc[r][1].store(S + r * lds + kVec);
@@ -66,6 +80,7 @@ template <int MR>
 inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* O,
                     int64_t ldo) {
   Vec acc[MR][2];
+  PREFIXRT_UNROLL
   for (int r = 0; r < MR; ++r) {
     acc[r][0] = Vec::loadu(O + r * ldo);
     acc[r][1] = Vec::loadu(O + r * ldo + kVec);
@@ -73,12 +88,14 @@ inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t ldv, in
   for (int64_t j = 0; j < n; ++j) {
     const Vec b0 = Vec::loadu(V + j * ldv);
     const Vec b1 = Vec::loadu(V + j * ldv + kVec);
+    PREFIXRT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const Vec a(P[r * ldp + j]);
       acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
       acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
     }
   }
+  PREFIXRT_UNROLL
   for (int r = 0; r < MR; ++r) {
     acc[r][0].store(O + r * ldo);
     acc[r][1].store(O + r * ldo + kVec);
@@ -148,16 +165,19 @@ inline void qk_dot_rows(const float* Q, int64_t ldq, const float* K, int64_t ldk
   for (int64_t j = 0; j < n; ++j) {
     const float* k = K + j * ldk;
     Vec acc[M][2];
+    PREFIXRT_UNROLL
     for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
     int64_t d = 0;
     for (; d + 2 * kVec <= Dp; d += 2 * kVec) {
       const Vec k0 = Vec::loadu(k + d);
       const Vec k1 = Vec::loadu(k + d + kVec);
+      PREFIXRT_UNROLL
       for (int r = 0; r < M; ++r) {
         acc[r][0] = at::vec::fmadd(Vec::loadu(Q + r * ldq + d), k0, acc[r][0]);
         acc[r][1] = at::vec::fmadd(Vec::loadu(Q + r * ldq + d + kVec), k1, acc[r][1]);
       }
     }
+    PREFIXRT_UNROLL
     for (int r = 0; r < M; ++r) S[r * lds + j] = hsum(acc[r][0] + acc[r][1]);
   }
 }
