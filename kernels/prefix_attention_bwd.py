@@ -40,21 +40,6 @@ def prefix_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_query_side(Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, offs_m, valid_m, offs_d,
-                     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm):  # fmt: skip
-    """q, dO ``[BLOCK_M, D]``; lse (base 2, 0 where -inf) and Delta ``[BLOCK_M]`` of a query block."""
-    q = tl.load(
-        Q_BASE + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=valid_m[:, None], other=0.0
-    )
-    do = tl.load(DO_BASE + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=valid_m[:, None],
-                 other=0.0)  # fmt: skip
-    lse = tl.load(LSE_BASE + offs_m * stride_lm, mask=valid_m, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    delta = tl.load(DELTA_BASE + offs_m * stride_dm, mask=valid_m, other=0.0)
-    return q, do, lse2, delta
-
-
-@triton.jit
 def _dq_range(
     dq, q, do, lse2, delta, offs_m,
     K_BASE, V_BASE, stride_kn, stride_kd, stride_vn, stride_vd, MASK_BASE, stride_maskn,
@@ -114,11 +99,13 @@ def prefix_attention_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid_m = offs_m < TQ
-    q, do, lse2, delta = _load_query_side(
-        Q + b * stride_qb + h * stride_qh, DOUT + b * stride_dob + h * stride_doh,
-        LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_db + h * stride_dh,
-        offs_m, valid_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
-    )  # fmt: skip
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=valid_m[:, None], other=0.0)  # fmt: skip
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=valid_m[:, None], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=valid_m, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)  # a query that saw nothing: P = 0 via the masks
+    delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_m * stride_dm, mask=valid_m, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     # -- prefix part
