@@ -113,15 +113,17 @@ class Engine:
 
     Parameters
     ----------
-    model : GPT2LMHeadModel or BartForConditionalGeneration (attached to ``bank`` or not)
+    model : GPT2LMHeadModel or BartForConditionalGeneration (attached or not: the engine runs its own forward)
     bank : PrefixBank
+        The prefixes requests name (need not be the bank the model is attached to).
     max_batch_size : int
         Rows in the K/V pool (requests running at once).
     max_prompt_tokens : int
         Longest prompt (GPT-2) or source (BART) a request may have.
     max_new_tokens : int
         Most tokens a request may generate.
-    backend, position_offset : default to the model's binding when attached, else ``"auto"`` and ``"prefix"``.
+    backend, position_offset : default to the model's binding when attached, else ``"auto"`` and ``"prefix"``
+        (see :func:`prefixrt.attach`).
     cuda_graphs : bool, optional
         Capture the decode step on CUDA (default: on CUDA).
 
@@ -149,8 +151,6 @@ class Engine:
             from prefixrt.hf import binding_of
 
             binding = binding_of(model)
-            if binding.bank is not bank:
-                raise ValueError("the model is attached to a different bank than the one given to the Engine")
             backend = backend or binding.backend
             position_offset = position_offset or binding.position_offset
         self.backend = resolve_name(backend or "auto")
