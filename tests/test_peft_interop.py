@@ -6,10 +6,11 @@ gives the real tokens positions ``P + arange(T)`` whatever the padding; attach g
 so padded batches agree at every real (unpadded) position. The outputs at pad positions are meaningless in both
 (queries that are padding) and are not compared.
 
-Generation is compared with a greedy loop over PEFT's *forward* pass, not with ``PeftModel.generate``: with
-transformers 5.24 (which renamed ``past_key_values`` to ``cache``) PEFT 0.21's ``prepare_inputs_for_generation``
-puts the prefix under ``past_key_values`` next to generate's own empty ``cache``, the model keeps ``cache``, and
-the prefix is silently dropped (the step after prefill sees a cache of the real tokens only).
+Generation is compared with a greedy loop over PEFT's *forward* pass, and with ``PeftModel.generate`` only where
+PEFT's generate works: with transformers 5.24 (which renamed ``past_key_values`` to ``cache``) PEFT 0.21's
+``prepare_inputs_for_generation`` puts the prefix under ``past_key_values`` next to generate's own empty ``cache``,
+the model keeps ``cache``, and the prefix is silently dropped (the step after prefill sees a cache of the real
+tokens only). With transformers 5.17 PEFT's generate and ours give the same tokens.
 """
 
 import json
@@ -207,6 +208,48 @@ def test_mixed_batch_generate_equals_greedy_over_peft_forward(tmp_path):
         reference = {"a": peft_a, "b": peft_b, None: model}[name]
         expected = greedy_with_forward(lambda x, m=reference: m(input_ids=x), prompt[None], steps)[0]
         assert generated[row, width - len(prompt) :].tolist() == expected.tolist(), (row, name)
+
+
+def _peft_generate_drops_the_prefix() -> bool:
+    """True on transformers versions whose models take ``cache`` instead of ``past_key_values`` (see the module
+    docstring): PEFT 0.21's generate then loses the prefix."""
+    import inspect
+
+    from transformers import GPT2LMHeadModel
+
+    return "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters
+
+
+@pytest.mark.skipif(
+    _peft_generate_drops_the_prefix(),
+    reason="PeftModel.generate drops the prefix where models take `cache=` (transformers 5.24); see the docstring",
+)
+def test_left_padded_generate_equals_peft_generate(tmp_path):
+    peft_model = peft_gpt2(1, 5)
+    path = saved(peft_model, tmp_path / "a")
+    prompts = [random_ids(1, n, seed=40 + n)[0] for n in (6, 3)]
+    width = 6
+    ids = torch.ones(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    expected = peft_model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1
+    )
+    model = tiny_gpt2()
+    bank = PrefixBank.for_model(model)
+    bank.add_peft("a", path)
+    prefixrt.attach(model, bank, backend=BACKEND)
+    generated = model.generate(
+        ids,
+        attention_mask=mask,
+        prefix_ids=bank.ids(["a", "a"]),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=1,
+    )
+    assert generated.tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("num_virtual_tokens", [1, 17])
