@@ -75,30 +75,31 @@ inline void qk_tile(const float* Q, int64_t ldq, const float* Kt, int64_t ldkt, 
   }
 }
 
-// O[0:MR, 0:kPanel] += P[0:MR, 0:n] . V[0:n, 0:kPanel]
-template <int MR>
+// O[0:MR, 0:NV*kVec] += P[0:MR, 0:n] . V[0:n, 0:NV*kVec]
+template <int MR, int NV>
 inline void pv_tile(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* O,
                     int64_t ldo) {
-  Vec acc[MR][2];
+  Vec acc[MR][NV];
   PREFIXRT_UNROLL
   for (int r = 0; r < MR; ++r) {
-    acc[r][0] = Vec::loadu(O + r * ldo);
-    acc[r][1] = Vec::loadu(O + r * ldo + kVec);
+    PREFIXRT_UNROLL
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec::loadu(O + r * ldo + c * kVec);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const Vec b0 = Vec::loadu(V + j * ldv);
-    const Vec b1 = Vec::loadu(V + j * ldv + kVec);
+    Vec b[NV];
+    PREFIXRT_UNROLL
+    for (int c = 0; c < NV; ++c) b[c] = Vec::loadu(V + j * ldv + c * kVec);
     PREFIXRT_UNROLL
     for (int r = 0; r < MR; ++r) {
       const Vec a(P[r * ldp + j]);
-      acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
-      acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
+      PREFIXRT_UNROLL
+      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]);
     }
   }
   PREFIXRT_UNROLL
   for (int r = 0; r < MR; ++r) {
-    acc[r][0].store(O + r * ldo);
-    acc[r][1].store(O + r * ldo + kVec);
+    PREFIXRT_UNROLL
+    for (int c = 0; c < NV; ++c) acc[r][c].store(O + r * ldo + c * kVec);
   }
 }
 
@@ -137,12 +138,18 @@ struct QkRows {
   }
 };
 
+// Few rows (decode) take wide panels: one pass over V reads each row of V whole, instead of one
+// cache line of every row per pass; MR * NV <= 12 accumulators either way.
 template <int MR>
 struct PvRows {
+  static constexpr int NV = MR == 1 ? 8 : (MR == 2 ? 4 : 2);
   static void run(int64_t i, const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n,
                   int64_t Dp, float* O, int64_t ldo) {
-    for (int64_t d = 0; d < Dp; d += kPanel)
-      pv_tile<MR>(P + i * ldp, ldp, V + d, ldv, n, O + i * ldo + d, ldo);
+    int64_t d = 0;
+    for (; d + NV * kVec <= Dp; d += NV * kVec)
+      pv_tile<MR, NV>(P + i * ldp, ldp, V + d, ldv, n, O + i * ldo + d, ldo);
+    for (; d < Dp; d += kPanel)
+      pv_tile<MR, 2>(P + i * ldp, ldp, V + d, ldv, n, O + i * ldo + d, ldo);
   }
 };
 
