@@ -22,13 +22,12 @@ def prefix_attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_db, stride_dh, stride_dm,
-    H, TQ,
+    TQ,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(TQ, BLOCK_M), B * H)``: ``DELTA[b, h, i] = sum_d OUT * DOUT`` in fp32."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    """Grid ``(cdiv(TQ, BLOCK_M), H, B)``: ``DELTA[b, h, i] = sum_d OUT * DOUT`` in fp32."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = (offs_m < TQ)[:, None]
@@ -87,14 +86,13 @@ def prefix_attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_db, stride_dh, stride_dm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, TQ, TK, N_ENTRIES, qk_scale, sm_scale,
+    TQ, TK, N_ENTRIES, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(TQ, BLOCK_M), B * H)``: dQ of a query block over the row's prefix and own keys."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    """Grid ``(cdiv(TQ, BLOCK_M), H, B)``: dQ of a query block over the row's prefix and own keys."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     m0 = tl.program_id(0) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -187,14 +185,13 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, TQ, TK, qk_scale, sm_scale,
+    TQ, TK, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(TK, BLOCK_N), B * H)``: dK, dV of a block of a row's own keys over the queries that see it."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    """Grid ``(cdiv(TK, BLOCK_N), H, B)``: dK, dV of a block of a row's own keys over the queries that see it."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -142,7 +142,6 @@ def prefix_attention_fwd_kernel(
     stride_lb,
     stride_lh,
     stride_lm,
-    H,
     TQ,
     TK,
     N_ENTRIES,
@@ -154,16 +153,15 @@ def prefix_attention_fwd_kernel(
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid ``(cdiv(TQ, BLOCK_M), B * H)``: one program per (query block, row, head).
+    """Grid ``(cdiv(TQ, BLOCK_M), H, B)``: one program per (query block, row, head).
 
     Q ``[B, H, TQ, D]``, K/V ``[B, H, TK, D]``, BANK_K/BANK_V ``[H, S, D]``, IDS ``[B]``, OFFSETS
     ``[N_ENTRIES + 1]``, MASK ``[B, TK]`` uint8 (1 = attend; ignored unless HAS_MASK), OUT ``[B, H, TQ, D]``,
     LSE ``[B, H, TQ]`` fp32.
     """
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)

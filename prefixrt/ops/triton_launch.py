@@ -101,12 +101,12 @@ def prefix_attention_fwd(
         return out, lse
     config = config or pick_fwd_config(tq, head_dim, q.dtype, q.is_cuda)
     mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
-    grid = (triton.cdiv(tq, config.block_m), batch * heads)
+    grid = (triton.cdiv(tq, config.block_m), heads, batch)
     prefix_attention_fwd_kernel[grid](
         q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
         *out.stride(), *lse.stride(),
-        heads, tq, tk, bank_offsets.shape[0] - 1, scale * LOG2E,
+        tq, tk, bank_offsets.shape[0] - 1, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
         HAS_MASK=has_mask, DOT_PRECISION=dot_precision(q.dtype), **_launch_opts(config),
     )  # fmt: skip
@@ -174,28 +174,29 @@ def prefix_attention_bwd(
 
     # -- Delta = rowsum(dO * O) [B, H, Tq] fp32
     delta = torch.empty(batch, heads, tq, dtype=torch.float32, device=q.device)
-    prefix_attention_bwd_preprocess_kernel[(triton.cdiv(tq, config.block_m), batch * heads)](
-        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), heads, tq,
+    q_grid = (triton.cdiv(tq, config.block_m), heads, batch)
+    prefix_attention_bwd_preprocess_kernel[q_grid](
+        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), tq,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m,
     )  # fmt: skip
     common = dict(HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision)
 
     # -- dQ: one program per (query block, row, head), over the row's prefix and own keys
-    prefix_attention_bwd_dq_kernel[(triton.cdiv(tq, config.block_m), batch * heads)](
+    prefix_attention_bwd_dq_kernel[q_grid](
         q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
         *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
-        heads, tq, tk, n_entries, qk_scale, scale,
+        tq, tk, n_entries, qk_scale, scale,
         CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
     )  # fmt: skip
 
     # -- dK/dV of the own keys: one program per (key block, row, head)
     if tk > 0:
-        prefix_attention_bwd_dkdv_kernel[(triton.cdiv(tk, config.block_n), batch * heads)](
+        prefix_attention_bwd_dkdv_kernel[(triton.cdiv(tk, config.block_n), heads, batch)](
             q, k, v, mask, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), smb, smn,
             *dout.stride(), *lse.stride(), *delta.stride(), *dk.stride(), *dv.stride(),
-            heads, tq, tk, qk_scale, scale,
+            tq, tk, qk_scale, scale,
             CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
         )  # fmt: skip
 
