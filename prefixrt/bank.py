@@ -262,6 +262,8 @@ class PrefixBank(nn.Module):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"kv[{site!r}] for prefix {name!r} contains NaN or inf")
             out[site] = tensor.detach().to(device=self.device, dtype=self.dtype)
+        if all(t.shape[3] == 0 for t in out.values()):
+            raise ValueError(f"prefix {name!r} has no tokens (P = 0 at every site it gives)")
         return out
 
     def _write_slot(self, slot: int, name: str | None, per_site: dict[str, torch.Tensor]) -> None:

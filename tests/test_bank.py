@@ -500,3 +500,14 @@ def test_loading_a_corrupt_file_changes_nothing(tmp_path):
     assert path.read_bytes() == truncated  # load never writes
     assert_unchanged(bank, before)
     assert_banks_equal(bank, PrefixBank.load(good))
+
+
+def test_an_entry_without_tokens_is_refused_and_the_bank_is_unchanged():
+    from tiny import tiny_gpt2
+
+    bank = prefixrt.PrefixBank.for_model(tiny_gpt2())
+    s = bank.spec.sites["decoder"]
+    bank.add("real", torch.randn(s.num_layers, 2, s.num_heads, 2, s.head_dim))
+    with pytest.raises(ValueError, match="has no tokens"):
+        bank.add("empty", torch.zeros(s.num_layers, 2, s.num_heads, 0, s.head_dim))
+    assert bank.names == ["real"]
