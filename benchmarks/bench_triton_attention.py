@@ -96,14 +96,15 @@ def make_workload(rows, prefixes, prefix_len, q_len, k_len, causal, requires_gra
 
 # -- the implementations ----------------------------------------------------------------------------------------
 def gather_concat(w: Workload):
-    """Each row's prefix copied out of the bank and concatenated with its keys; the visibility mask."""
+    """Each row's prefix copied out of the bank and concatenated with its keys, and the visibility mask
+    ``[Tq, P + Tk]`` (None when every key is visible: no causal cut, e.g. one decode query)."""
     index = w.bank_offsets[w.prefix_ids][:, None] + torch.arange(w.prefix_len, device=w.q.device)  # [B, P]
     keys = torch.cat([w.bank_k[:, index].transpose(0, 1), w.k], dim=2)  # [B, H, P + Tk, D]
     values = torch.cat([w.bank_v[:, index].transpose(0, 1), w.v], dim=2)
     tq, tk = w.q.shape[2], w.k.shape[2]
-    own = torch.ones(tq, tk, dtype=torch.bool, device=w.q.device)
-    if w.causal:
-        own = own.tril(tk - tq)
+    if not w.causal or tq == 1:
+        return keys, values, None
+    own = torch.ones(tq, tk, dtype=torch.bool, device=w.q.device).tril(tk - tq)
     visible = torch.cat([torch.ones(tq, w.prefix_len, dtype=torch.bool, device=w.q.device), own], dim=1)
     return keys, values, visible
 
@@ -113,16 +114,16 @@ def eager(w: Workload, keys=None, values=None, visible=None):
     if keys is None:
         keys, values, visible = gather_concat(w)
     scores = (w.q @ keys.transpose(-1, -2)) * HEAD_DIM**-0.5
-    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(w.q.dtype) @ values
 
 
 def sdpa(w: Workload, keys=None, values=None, visible=None):
-    """PyTorch SDPA on the concatenated K/V with a boolean mask (no mask when everything is visible)."""
+    """PyTorch SDPA on the concatenated K/V, with a boolean mask when some key is hidden."""
     if keys is None:
         keys, values, visible = gather_concat(w)
-    mask = None if bool(visible.all()) else visible
-    return torch.nn.functional.scaled_dot_product_attention(w.q, keys, values, attn_mask=mask)
+    return torch.nn.functional.scaled_dot_product_attention(w.q, keys, values, attn_mask=visible)
 
 
 def triton(w: Workload):
