@@ -265,17 +265,22 @@ def test_init_from_kv_makes_the_mlp_output_the_words(kind):
         tuner.init_from_kv("b", target)
 
 
-def test_init_from_text():
-    text_prefix = pytest.importorskip("prefixrt.hf.text_prefix")
-    model = tiny("gpt2")
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_init_from_text(kind):
+    from prefixrt.hf.text_prefix import text_prefix_kv
+
+    model = tiny(kind)
     words = torch.tensor([5, 9, 17, 33])
-    expected = text_prefix.text_prefix_kv(model, words, None)
-    expected = expected["decoder"] if isinstance(expected, dict) else expected
+    expected = text_prefix_kv(model, words)
     tuner = PrefixTuner(
         model, {"a": None, "b": 3}, init="text", init_text={"a": words, "b": words[:3]}, mid_dim=16
     )
     assert tuner.task_lengths == {"a": 4, "b": 3}
-    torch.testing.assert_close(tuner.task_kv("a")["decoder"], expected, atol=1e-4, rtol=1e-4)
+    assert set(expected) == set(tuner.sites)
+    for site, kv in tuner.task_kv("a").items():
+        torch.testing.assert_close(kv, expected[site], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="has prefix length 3"):
+        tuner.init_from_text("b", words, model)
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -189,7 +189,7 @@ def lm_loss(
 
     Parameters
     ----------
-    model : attached GPT-2 or BART
+    model : attached GPT-2 or BART (``GPT2LMHeadModel`` / ``BartForConditionalGeneration``)
     batch : dict
         ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` ([B, T] causal, aligned with the inputs and
         ``-100`` on source and padding; [B, L] seq2seq decoder targets).
@@ -216,28 +216,36 @@ def lm_loss(
         "prefix_ids": prefix_ids,
         **model_kwargs,
     }
+    # The base model, then the LM head at target positions only: the [B, T, vocab] logits of every position
+    # (most of them source or padding) are never built.
+    base = model.base_model
     if model.config.is_encoder_decoder:
         from transformers.models.bart.modeling_bart import shift_tokens_right
 
         kwargs["decoder_input_ids"] = shift_tokens_right(
             labels, model.config.pad_token_id, model.config.decoder_start_token_id
         )
-        logits = model(batch["input_ids"], use_cache=False, **kwargs).logits  # [B, L, V]
+        hidden = base(batch["input_ids"], use_cache=False, **kwargs).last_hidden_state  # [B, L, d]
         targets = labels
     else:
-        logits = model(batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1]  # [B, T-1, V]
+        hidden = base(batch["input_ids"], use_cache=False, **kwargs).last_hidden_state[:, :-1]  # [B, T-1, d]
         targets = labels[:, 1:]
+    valid = targets != -100  # [B, T']
+    rows = valid.nonzero()[:, 0]  # [N] row of each target token
+    logits = model.get_output_embeddings()(hidden[valid])  # [N, vocab]
+    bias = getattr(model, "final_logits_bias", None)  # BART
+    if bias is not None:
+        logits = logits + bias[0].to(logits.dtype)
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    token_loss = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(targets.shape)
-    valid = targets != -100
+    token_loss = nn.functional.cross_entropy(logits, targets[valid], reduction="none")  # [N]
     row_tokens = valid.sum(dim=1)
+    row_loss = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
+    row_loss.index_add_(0, rows, token_loss.detach())
     loss = token_loss.sum()
     if reduction == "mean":
         loss = loss / row_tokens.sum().clamp(min=1)
-    return loss, token_loss.detach().sum(dim=1), row_tokens
+    return loss, row_loss, row_tokens
 
 
 def _data_fingerprint(data: Mapping[str, Sequence[Encoded]]) -> str:

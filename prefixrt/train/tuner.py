@@ -8,12 +8,12 @@ An attached model reads each layer's prefix K/V from a *prefix source* (:class:`
 by its parameters (the MLP of the reparameterization, or the K/V themselves) inside the forward graph, so the loss
 back-propagates into them:
 
-* ``tuner.attach(model)`` calls ``prefixrt.attach(model, tuner)`` and adds one forward pre-hook on the model that
-  computes the K/V of all tasks once per forward (:meth:`PrefixTuner.view`: the MLPs, then prefix dropout) and
-  passes them down as the ``prefix_source`` keyword argument, which the attention function prefers over the bound
-  source. Because the K/V travel with the call, a gradient-checkpointing replay in the backward pass reads the
+* ``tuner.attach(model)`` calls ``prefixrt.attach(model, tuner)`` and adds one forward pre-hook on the base model
+  (``GPT2Model`` / ``BartModel``: every forward of the LM goes through it) that computes the K/V of all tasks once
+  per forward (:meth:`PrefixTuner.view`: the MLPs, then prefix dropout) and passes them down as the
+  ``prefix_source`` keyword argument, which the attention function prefers over the bound source. Because the K/V travel with the call, a gradient-checkpointing replay in the backward pass reads the
   very tensors (and dropout mask) of its own forward, even when several forwards precede one backward.
-* Calls that bypass the model's top-level forward (``generate()`` runs a BART encoder directly) read the bound
+* Calls that bypass the base model's forward (``generate()`` runs a BART encoder directly) read the bound
   tuner itself: ``tuner.layer_kv`` serves the last computed K/V, recomputed when the parameters have changed.
 * ``prefixrt.detach(model)`` (or ``tuner.detach(model)``) removes everything, the pre-hook included.
 
@@ -348,7 +348,10 @@ class PrefixTuner(nn.Module):
                 kwargs = {**kwargs, "prefix_source": self._view_for_forward()}
             return args, kwargs
 
-        handle = model.register_forward_pre_hook(pass_prefix_source, with_kwargs=True)
+        # On the base model (GPT2Model / BartModel), so a call of the base alone (the loss computes the LM head
+        # at target positions only) gets its view too.
+        base = getattr(model, "base_model", model)
+        handle = base.register_forward_pre_hook(pass_prefix_source, with_kwargs=True)
         binding_of(model).hooks.append(handle)  # prefixrt.detach(model) removes it with the rest
         return model
 
