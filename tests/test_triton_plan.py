@@ -18,6 +18,12 @@ def test_segments_group_rows_by_id_in_a_stable_order():
     assert seg.lengths.tolist() == [2, 5, 0, 4, 7]
 
 
+def test_out_of_range_ids_count_as_no_prefix_like_in_the_kernels():
+    seg = build_segments(torch.tensor([5, 0, -1, 1]), offsets_of([2, 3]))
+    assert seg.counts.tolist() == [1, 1]
+    assert seg.order[:2].tolist() == [0, 2] and seg.seg_offsets.tolist() == [2, 3, 4]
+
+
 def brute_tiles(ids, lengths, block):
     return sorted((e, j) for e in set(ids) if e >= 0 for j in range(-(-lengths[e] // block)))
 

@@ -63,10 +63,12 @@ def build_segments(prefix_ids: torch.Tensor, bank_offsets: torch.Tensor) -> Segm
     ids = prefix_ids.long()
     offsets = bank_offsets.long()
     n_entries = offsets.shape[0] - 1
-    order = torch.argsort(ids, stable=True)
-    # slot 0 counts the rows with id -1, slot e + 1 those with id e
+    # an id outside [0, N) reads no prefix in the kernels (they clamp it to an empty span): sort it with the -1s
+    key = torch.where((ids >= 0) & (ids < n_entries), ids, -1)
+    order = torch.argsort(key, stable=True)
+    # slot 0 counts the rows without prefix, slot e + 1 those with id e
     counts_full = torch.zeros(n_entries + 1, dtype=torch.long, device=ids.device)
-    counts_full.scatter_add_(0, (ids + 1).clamp(0, n_entries), torch.ones_like(ids))
+    counts_full.scatter_add_(0, key + 1, torch.ones_like(key))
     seg_offsets = torch.cumsum(counts_full, 0)  # [N + 1]: rows with id < e (the -1 rows included)
     return Segments(
         order=order,
