@@ -19,6 +19,7 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -109,6 +110,9 @@ def _compile(folder: Path) -> ModuleType:
 
     from torch.utils.cpp_extension import load, verify_ninja_availability
 
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise CppBuildError(f"no C++ compiler: {compiler!r} not found (install g++, or set CXX)")
     try:
         verify_ninja_availability()
     except RuntimeError as err:
@@ -168,8 +172,9 @@ def _try_build() -> tuple[ModuleType | None, str | None]:
         return None, f"building the C++ kernels failed ({type(err).__name__}): {_summary(err)}"
 
 
-def _summary(err: Exception, keep: int = 12) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    if len(lines) > keep:
-        lines = lines[:2] + ["..."] + lines[-(keep - 3) :]
-    return " | ".join(lines)
+def _summary(err: Exception, keep: int = 4, width: int = 300) -> str:
+    """The compiler's error lines (or the last lines) of a failed build, short enough for a warning."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if ": error" in line or ": fatal error" in line]
+    chosen = (errors or lines)[:keep] if errors else lines[-keep:]
+    return " | ".join(line if len(line) <= width else line[:width] + "..." for line in chosen)

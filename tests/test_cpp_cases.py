@@ -1,0 +1,158 @@
+"""Shared inputs, oracle results and tolerances for the C++ backend tests (this module holds no tests).
+
+``make_case`` builds one prefix-attention call over a packed bank of the given entry lengths; the oracle is
+``prefix_attention_reference`` on the same values in float64. ``TOLERANCES`` is the one table per dtype that
+every C++ test compares with. ``cpp_kernels`` (a fixture) builds the kernels once, skips when this machine
+has no C++ compiler (or ``PREFIXRT_NO_CPP`` is set), and fails, with the reason, when a machine that has one cannot build them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from prefixrt.ops import cpp_build
+from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Every prefix length the issue names, in one packed bank: entry e has length ENTRY_LENGTHS[e].
+ENTRY_LENGTHS = (0, 1, 17, 200)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``atol`` is relative to the largest magnitude of the expected tensor (at least 1); ``rtol`` elementwise.
+
+    ``lse`` is computed in fp32 from the (exactly widened) inputs whatever their dtype, so it stays tight;
+    outputs and gradients are rounded to the input dtype once.
+    """
+
+    out: float
+    lse: float
+    grad: float
+
+
+TOLERANCES = {
+    torch.float32: Tolerance(out=2e-5, lse=2e-5, grad=5e-5),
+    torch.float16: Tolerance(out=2e-3, lse=2e-5, grad=5e-3),
+    torch.bfloat16: Tolerance(out=1e-2, lse=2e-5, grad=3e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """Compare in fp64 with ``atol = tol * max(1, max|expected|)``, ``rtol = tol``; infinities must match."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not actual.isnan().any(), f"{what}: NaN in the result"
+    finite = expected.isfinite()
+    assert torch.equal(actual.isfinite(), finite), f"{what}: infinities differ"
+    assert torch.equal(actual[~finite], expected[~finite]), f"{what}: infinities differ in sign"
+    scale = max(1.0, expected[finite].abs().max().item()) if finite.any() else 1.0
+    torch.testing.assert_close(
+        actual[finite], expected[finite], atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prefix-attention call (the arguments of ``prefix_attention_reference``, in order)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bank_k: torch.Tensor
+    bank_v: torch.Tensor
+    prefix_ids: torch.Tensor
+    bank_offsets: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    causal: bool
+    scale: float
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets,
+                self.key_padding_mask, self.causal, self.scale)  # fmt: skip
+
+    def double_args(self) -> tuple:
+        """The arguments with every floating tensor widened to fp64 (exact): the oracle's inputs."""
+        return tuple(
+            a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in self.args()
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+
+def make_case(
+    batch: int = 3,
+    heads: int = 2,
+    q_len: int = 37,
+    k_len: int | None = None,
+    head_dim: int = 64,
+    entry_lengths: tuple[int, ...] = ENTRY_LENGTHS,
+    prefix_ids: list[int] | None = None,
+    causal: bool = True,
+    padding: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Case:
+    """A call with random inputs; ``padding`` is None, ``"left"``, ``"right"`` or ``"random"`` (key padding)."""
+    g = torch.Generator().manual_seed(seed)
+    k_len = q_len if k_len is None else k_len
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    offsets = torch.tensor([0, *torch.tensor(entry_lengths, dtype=torch.long).cumsum(0).tolist()])
+    if prefix_ids is None:
+        prefix_ids = [(b % (len(entry_lengths) + 1)) - 1 for b in range(batch)]
+    mask = None
+    if padding is not None:
+        lengths = torch.randint(1, k_len + 1, (batch,), generator=g)
+        steps = torch.arange(k_len)
+        if padding == "left":
+            mask = steps[None, :] >= (k_len - lengths)[:, None]
+        elif padding == "right":
+            mask = steps[None, :] < lengths[:, None]
+        else:
+            mask = torch.rand(batch, k_len, generator=g) < 0.7
+    return Case(
+        q=randn(batch, heads, q_len, head_dim),
+        k=randn(batch, heads, k_len, head_dim),
+        v=randn(batch, heads, k_len, head_dim),
+        bank_k=randn(heads, int(offsets[-1]), head_dim),
+        bank_v=randn(heads, int(offsets[-1]), head_dim),
+        prefix_ids=torch.tensor(prefix_ids, dtype=torch.long),
+        bank_offsets=offsets,
+        key_padding_mask=mask,
+        causal=causal,
+        scale=head_dim**-0.5,
+    )
+
+
+def with_mask(case: Case, mask: torch.Tensor | None) -> Case:
+    return replace(case, key_padding_mask=mask)
+
+
+def oracle(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the reference in fp64 on the case's exact values."""
+    return prefix_attention_reference(*case.double_args())
+
+
+def oracle_grads(case: Case, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv, dbank_k, dbank_v)`` of the reference in fp64."""
+    return prefix_attention_reference_backward(dout.double(), *case.double_args())
+
+
+@pytest.fixture(scope="session")
+def cpp_kernels():
+    """The compiled kernel module; skips without a C++ compiler, fails when one is there but the build fails."""
+    module, reason = cpp_build.kernels_or_reason()
+    if module is None:
+        if "PREFIXRT_NO_CPP" in reason or (shutil.which("c++") is None and shutil.which("g++") is None):
+            pytest.skip(f"no C++ compiler on this machine: {reason}")
+        pytest.fail(f"the C++ kernels did not build: {reason}")
+    return module
