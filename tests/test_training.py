@@ -1,6 +1,7 @@
 """The training loop: target-only loss, the loss goes down, exact resume from a checkpoint, per-task updates."""
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -111,7 +112,9 @@ def test_loss_decreases_for_every_task(kind, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25]
     assert set(rows[0]) == {"step", "epoch", "lr", "loss", "loss/a", "loss/b"}
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (the "plot" extra)
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert result.plot_path == tmp_path / "loss.png"
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert not hasattr(model, "_prefixrt_binding") or model._prefixrt_binding is None  # detached again
 
@@ -238,7 +241,7 @@ def test_gradient_checkpointing_trains_the_same(tmp_path):
         tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
         config = TrainConfig(lr=1e-2, batch_size=4, max_steps=3, gradient_checkpointing=checkpointing)
         train(model, tuner, data("gpt2"), pad_token_id=PAD, config=config, progress=False)
-        assert not model.is_activation_checkpointing  # switched off again
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again
         results.append(state(tuner))
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-5)

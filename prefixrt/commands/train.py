@@ -219,5 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"model: built-in {args.model} with --model-seed {args.model_seed} (rebuild it the same way to use it)"
         )
-    print(f"loss log: {log_csv}" + (f", plot: {result.plot_path}" if result.plot_path else ""))
+    plot_note = (
+        f", plot: {result.plot_path}" if result.plot_path else " (no plot: matplotlib is not installed)"
+    )
+    print(f"loss log: {log_csv}{plot_note}")
     return 0
