@@ -304,10 +304,27 @@ def test_bad_arguments_raise_clear_errors():
         tuner.attach(tiny("bart"))
 
 
+def test_detach_removes_everything():
+    model = tiny("gpt2")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+    tuner = PrefixTuner(model, {"a": 4}, mid_dim=8, seed=0)
+    tuner.attach(model)
+    assert len(model.base_model._forward_pre_hooks) == 2  # positions + the tuner's per-forward K/V
+    tuner.detach(model)
+    assert not model.base_model._forward_pre_hooks and not prefixrt.is_attached(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
 def test_bart_sites_subset_leaves_others_empty():
     model = tiny("bart")
-    tuner = PrefixTuner(model, {"a": 4}, sites=["decoder"], mid_dim=8, seed=0)
-    assert tuner.lengths("encoder").tolist() == [0] and tuner.lengths("decoder").tolist() == [4]
+    words = torch.tensor([5, 9, 17])
+    tuner = PrefixTuner(
+        model, {"a": None}, sites=["decoder"], init="text", init_text=words, mid_dim=8, seed=0
+    )
+    assert tuner.lengths("encoder").tolist() == [0] and tuner.lengths("decoder").tolist() == [3]
     tuner.attach(model)
     batch = batch_for("bart", [5, 5])
     lm_loss(model, batch, tuner.ids(["a", None]))[0].backward()

@@ -219,7 +219,7 @@ class PrefixTuner(nn.Module):
             self.register_buffer(f"_offsets_{site}", offsets, persistent=False)
         self.to(device=device, dtype=dtype or torch.float32)
         for name, kv in texts.items():
-            self.init_from_kv(name, kv)
+            self.init_from_kv(name, {site: t for site, t in kv.items() if site in sites})
 
     def _make(self, site, length: int) -> nn.Module:
         if self.reparam == "mlp":
