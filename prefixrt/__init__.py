@@ -10,7 +10,17 @@
 from prefixrt.bank import BankFileError, PrefixBank
 from prefixrt.hf import attach, detach, is_attached
 from prefixrt.spec import ModelSpec, SiteSpec
+from prefixrt.train import PrefixTuner
 
 __version__ = "0.1.0"
 
-__all__ = ["BankFileError", "ModelSpec", "PrefixBank", "SiteSpec", "attach", "detach", "is_attached"]
+__all__ = [
+    "BankFileError",
+    "ModelSpec",
+    "PrefixBank",
+    "PrefixTuner",
+    "SiteSpec",
+    "attach",
+    "detach",
+    "is_attached",
+]
