@@ -181,15 +181,14 @@ def test_beams_share_the_prompt_kv(monkeypatch):
     """The prompt K/V is stored once per input (not per beam); only generated K/V are reordered."""
     model, bank = _attached("gpt2")
     ids, mask, pids = _inputs(bank)
-    made = {}
-    original = GPT2Runner.make_stores
+    seen = {}
+    original = GPT2Runner.prefill
 
-    def spy(self, items, rows, *args):
-        made["items"], made["rows"] = items, rows
-        made["stores"] = original(self, items, rows, *args)
-        return made["stores"]
+    def spy(self, batch, *args, **kwargs):
+        seen["batch"] = batch
+        return original(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(GPT2Runner, "make_stores", spy)
+    monkeypatch.setattr(GPT2Runner, "prefill", spy)
     generate(
         model,
         ids,
@@ -200,8 +199,9 @@ def test_beams_share_the_prompt_kv(monkeypatch):
         eos_token_id=None,
         pad_token_id=1,
     )
-    assert made["items"] == 5 and made["rows"] == 20
-    assert made["stores"]["ctx"].rows == 5 and made["stores"]["gen"].rows == 20
+    stores = seen["batch"].stores
+    assert stores["ctx"].rows == 5 and stores["ctx"].capacity == 9
+    assert stores["gen"].rows == 20 and stores["gen"].capacity == 5
 
 
 @pytest.mark.parametrize(

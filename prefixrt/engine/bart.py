@@ -6,8 +6,8 @@ Over the Hugging Face modules' own weights (projections, layer norms, feed-forwa
 Decoder positions are shifted by the row's decoder-prefix length like ``prefixrt.attach`` does; encoder positions
 never are.
 
-Stores: per item ``"ctx"`` (the decoder-start token's self-attention K/V) and ``"src"`` (the source's
-cross-attention K/V, one per decoder layer); per row ``"gen"``.
+The decoder-start token's K/V go to ``batch.prompt_store()``, the source's cross-attention K/V (one per decoder
+layer) to ``batch.stores["src"]``; see :mod:`prefixrt.engine.batch` for the layouts.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from prefixrt import ops
-from prefixrt.engine.attention import decode_attention
-from prefixrt.engine.batch import Batch, make_store
+from prefixrt.engine.batch import Batch
 
 __all__ = ["BartRunner"]
 
@@ -44,15 +43,6 @@ class BartRunner:
         self.max_positions = config.max_position_embeddings
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-
-    def make_stores(self, items: int, rows: int, context: int, generated: int, source: int = 0) -> dict:
-        """``context``: decoder tokens per item before generation (1: the start token); ``source``: longest
-        source; ``generated``: most tokens fed back per row."""
-        return {
-            "ctx": make_store(self, self.layers, items, context),
-            "src": make_store(self, self.layers, items, source),
-            "gen": make_store(self, self.layers, rows, generated),
-        }
 
     @staticmethod
     def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -129,7 +119,7 @@ class BartRunner:
         view = batch.views[view_key]
         pid = torch.tensor(prefix_ids, dtype=torch.long, device=self.device)
         enc = self.encode(batch, input_ids, mask, pid, view_key)
-        src, ctx = batch.stores["src"], batch.stores["ctx"]
+        src, ctx = batch.stores["src"], batch.prompt_store()
         src_rows = src.append_rows([src_len] * items, valid=mask)
         ctx_rows = ctx.append_rows([1] * items)
         tokens = torch.full((items, 1), start_token, dtype=torch.long, device=self.device)
@@ -183,26 +173,10 @@ class BartRunner:
                 proj(h).view(n, self.heads, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
             )
             gen.write_token(i, slot, k, v)
-            out = decode_attention(
-                q,
-                batch.prefix_part("decoder", i),
-                batch.shared_part("ctx", i, full),
-                batch.own_part(i, full),
-                batch.any_bank("decoder", i),
-                attn.scaling,
-                batch.backend,
-            )
+            out = batch.self_attention(q, i, attn.scaling, full)
             h = layer.self_attn_layer_norm(h + attn.out_proj(out.reshape(n, self.hidden)))
             q = cross.q_proj(h).view(n, self.heads, self.head_dim)
-            out = decode_attention(
-                q,
-                batch.prefix_part("cross", i),
-                batch.shared_part("src", i, full),
-                None,
-                batch.any_bank("cross", i),
-                cross.scaling,
-                batch.backend,
-            )
+            out = batch.cross_attention(q, i, cross.scaling, full)
             h = layer.encoder_attn_layer_norm(h + cross.out_proj(out.reshape(n, self.hidden)))
             h = self._ffn(layer, h)
         return self._logits(h)

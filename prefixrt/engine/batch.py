@@ -2,22 +2,34 @@
 
 Vocabulary
 ----------
-* An **item** is one input sequence (a prompt, or a BART source). Its K/V (the prompt's, or the source's
-  cross-attention K/V and the decoder-start token's) are written once into the per-item stores.
-* A **row** is one sequence being extended: the beams of an item in beam search, the samples of an item with
-  ``num_return_sequences``, or just the item itself. Rows are kept item-major (the rows of item ``i`` are
-  contiguous and items appear in order), so "rows of an item" is a slice and the per-item K/V are shared by
-  index, never copied per row.
+* An **item** is one input sequence (a prompt, or a BART source).
+* A **row** is one sequence being extended: a beam, one of ``num_return_sequences`` samples, or the item itself.
+  Rows are kept item-major (the rows of an item are contiguous, items in order).
 
-The plan (which rows share a prefix, which rows share an item) is built on the host from these lists whenever
-the composition of the batch changes, and reused by every layer of every step until then.
+Two layouts
+-----------
+* **fused** (one row per item: greedy, sampling, every Engine request): the row's store ``"gen"`` holds its
+  prompt (GPT-2) or decoder-start token (BART) followed by its generated tokens, so self-attention is one
+  ``prefix_attention`` call per layer over ``[bank prefix ; prompt ; generated]`` with the prefix read from the
+  bank by id inside the kernel (the C++ and Triton backends group rows by id and read each prefix once).
+* **shared** (several rows per item: beam search, ``num_return_sequences``): the prompt's K/V sit once per item
+  in ``"ctx"`` and are shared by its rows; ``"gen"`` holds each row's generated tokens; self-attention merges a
+  prefix part (rows grouped by id), a context part (rows grouped by item) and the row's own part
+  (:mod:`prefixrt.engine.attention`). The fused layout falls back to this merge while rows read two bank versions
+  (an Engine request that outlives its prefix's removal).
+
+BART also has ``"src"``, the source's cross-attention K/V, one row per item.
+
+The plan (who shares which prefix and item) is built on the host whenever the batch's composition changes and
+reused by every layer of every step until then.
 """
 
 from __future__ import annotations
 
 import torch
 
-from prefixrt.engine.attention import OwnPart, PrefixPart, SharedPart
+from prefixrt import ops
+from prefixrt.engine.attention import OwnPart, PrefixPart, SharedPart, decode_attention
 from prefixrt.engine.bankview import BankView
 from prefixrt.engine.kv import KVStore
 from prefixrt.engine.plan import Grouping, PrefixGroups
@@ -31,16 +43,36 @@ class Batch:
     Parameters
     ----------
     runner : GPT2Runner or BartRunner
-    stores : dict name -> KVStore
-        Per-item stores (``runner.item_stores``) and the per-row store ``"gen"``.
+    items, rows : int
+        Capacity in items and rows (``rows == items`` for the fused layout).
+    context : int
+        Most decoder tokens per item before generation (GPT-2: the padded prompt; BART: 1, the start token).
+    generated : int
+        Most tokens fed back per row.
+    source : int
+        BART: longest source.
     backend : str
         The op backend for every attention call.
+    fused : bool
+        The fused layout (one row per item) instead of the shared one.
     """
 
-    def __init__(self, runner, stores: dict, backend: str):
-        self.runner = runner
-        self.stores = stores
-        self.backend = backend
+    def __init__(self, runner, *, items, rows, context, generated, source=0, backend="auto", fused=False):
+        if fused and rows != items:
+            raise ValueError("the fused layout has one row per item")
+        self.runner, self.backend, self.fused = runner, backend, fused
+
+        def store(count, capacity):
+            return KVStore(
+                runner.layers, count, runner.heads, capacity, runner.head_dim, runner.dtype, runner.device
+            )
+
+        if fused:
+            self.stores = {"gen": store(rows, context + generated)}
+        else:
+            self.stores = {"ctx": store(items, context), "gen": store(rows, generated)}
+        if runner.model_type == "bart":
+            self.stores["src"] = store(items, source)
         self.item_prefix: list[int] = []
         self.item_view: list[int] = []
         self.row_item: list[int] = []
@@ -57,6 +89,11 @@ class Batch:
     def n_rows(self) -> int:
         return len(self.row_item)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by this batch's preallocated K/V stores."""
+        return sum(store.nbytes for store in self.stores.values())
+
     def add_view(self, view: BankView) -> int:
         """Register a bank view (kept by reference while any item uses it); returns its key."""
         for key, known in self.views.items():
@@ -66,16 +103,22 @@ class Batch:
         self.views[key] = view
         return key
 
+    def prompt_store(self) -> KVStore:
+        """Where a prefill writes the decoder-side K/V of new items (then call :meth:`add_items`)."""
+        return self.stores["gen" if self.fused else "ctx"]
+
     def add_items(self, prefix_ids: list[int], view_key: int, widths: list[int], next_pos: list[int]) -> None:
-        """Record items whose per-item K/V were just written: ``widths[i]`` rows each, all feeding position
-        ``next_pos[i]`` next. Their rows start with no generated tokens."""
+        """Record items just prefilled: ``widths[i]`` rows each, all feeding position ``next_pos[i]`` next."""
         first = self.n_items
         for i, (pid, width) in enumerate(zip(prefix_ids, widths, strict=True)):
+            if self.fused and width != 1:
+                raise ValueError("the fused layout has one row per item")
             self.item_prefix.append(pid)
             self.item_view.append(view_key)
             self.row_item.extend([first + i] * width)
             self.row_pos.extend([next_pos[i]] * width)
-            self.stores["gen"].append_rows([0] * width)
+            if not self.fused:
+                self.stores["gen"].append_rows([0] * width)
         self._plan = None
 
     def keep(self, rows: list[int]) -> None:
@@ -86,13 +129,13 @@ class Batch:
         for name, store in self.stores.items():
             store.keep(rows if name == "gen" else items)
         new_row_item = [remap[self.row_item[r]] for r in rows]
-        composition_changed = new_row_item != self.row_item or len(items) != self.n_items
+        changed = new_row_item != self.row_item or len(items) != self.n_items
         self.row_item = new_row_item
         self.row_pos = [self.row_pos[r] for r in rows]
         self.item_prefix = [self.item_prefix[i] for i in items]
         self.item_view = [self.item_view[i] for i in items]
         self.drop_unused_views()
-        if composition_changed:
+        if changed:
             self._plan = None
 
     def set_item_view(self, item: int, view_key: int) -> None:
@@ -107,8 +150,9 @@ class Batch:
 
     # -- planning -----------------------------------------------------------------------------------------------
     def plan(self) -> dict:
-        """``{"prefix": {site: PrefixGroups or None}, "items": Grouping or None}``, cached until the batch
-        changes."""
+        """Cached until the batch changes: ``prefix`` (site -> PrefixGroups or None), ``items`` (Grouping of
+        rows by item, or None when row ``r`` is item ``r``), ``ids`` (LongTensor ``[n]`` of row prefix ids),
+        ``view`` (the single view key, or None when rows read several)."""
         if self._plan is None:
             device = self.runner.device
             row_prefix = [self.item_prefix[i] for i in self.row_item]
@@ -121,27 +165,86 @@ class Batch:
                 ]
                 prefix[site] = PrefixGroups.of(ids, row_view, device)
             one_row_per_item = self.row_item == list(range(self.n_items))
-            items = None if one_row_per_item else Grouping.of(self.row_item, self.n_items, device)
-            self._plan = {"prefix": prefix, "items": items}
+            self._plan = {
+                "prefix": prefix,
+                "items": None if one_row_per_item else Grouping.of(self.row_item, self.n_items, device),
+                "ids": torch.tensor(row_prefix, dtype=torch.long, device=device),
+                "view": row_view[0] if len(set(row_view)) == 1 else None,
+            }
         return self._plan
 
-    def prefix_part(self, site: str, layer: int) -> PrefixPart | None:
+    def _prefix_part(self, site: str, layer: int) -> PrefixPart | None:
         plan = self.plan()["prefix"][site]
         if plan is None:
             return None
         return PrefixPart(plan, {key: self.views[key].layer(site, layer) for key, _ in plan.views})
 
-    def shared_part(self, store: str, layer: int, full: bool = False) -> SharedPart:
-        k, v, mask = self.stores[store].view(layer, full)
-        return SharedPart(k, v, mask, self.plan()["items"])
-
-    def own_part(self, layer: int, full: bool = False) -> OwnPart:
-        k, v, mask = self.stores["gen"].view(layer, full)
-        return OwnPart(k, v, mask)
-
-    def any_bank(self, site: str, layer: int) -> tuple:
-        """Some view's bank tensors for ``(site, layer)``, for the calls that read no prefix (ids ``-1``)."""
+    def _any_bank(self, site: str, layer: int) -> tuple:
         return next(iter(self.views.values())).layer(site, layer)
+
+    # -- attention ----------------------------------------------------------------------------------------------
+    def self_attention(self, q: torch.Tensor, layer: int, scale: float, full: bool = False) -> torch.Tensor:
+        """Decoder self-attention of one query per row, ``q [n, H, D]`` -> ``[n, H, D]``, over
+        ``[decoder prefix ; context ; generated]`` (the new token's K/V already written)."""
+        plan = self.plan()
+        k, v, mask = self.stores["gen"].view(layer, full)
+        if self.fused and plan["view"] is not None:
+            bank_k, bank_v, offsets = self.views[plan["view"]].layer("decoder", layer)
+            out, _ = ops.prefix_attention(
+                q[:, :, None],
+                k,
+                v,
+                bank_k,
+                bank_v,
+                plan["ids"],
+                offsets,
+                key_padding_mask=mask,
+                causal=True,
+                scale=scale,
+                backend=self.backend,
+            )
+            return out[:, :, 0]
+        shared = None
+        if not self.fused:
+            ck, cv, cmask = self.stores["ctx"].view(layer, full)
+            shared = SharedPart(ck, cv, cmask, plan["items"])
+        return decode_attention(
+            q,
+            self._prefix_part("decoder", layer),
+            shared,
+            OwnPart(k, v, mask),
+            self._any_bank("decoder", layer),
+            scale,
+            self.backend,
+        )
+
+    def cross_attention(self, q: torch.Tensor, layer: int, scale: float, full: bool = False) -> torch.Tensor:
+        """BART cross-attention of one query per row over ``[cross prefix ; source]``."""
+        plan = self.plan()
+        k, v, mask = self.stores["src"].view(layer, full)
+        if self.fused and plan["view"] is not None:
+            bank_k, bank_v, offsets = self.views[plan["view"]].layer("cross", layer)
+            out, _ = ops.prefix_attention(
+                q[:, :, None],
+                k,
+                v,
+                bank_k,
+                bank_v,
+                plan["ids"],
+                offsets,
+                key_padding_mask=mask,
+                causal=False,
+                scale=scale,
+                backend=self.backend,
+            )
+            return out[:, :, 0]
+        prefix = self._prefix_part("cross", layer)
+        bank = self._any_bank("cross", layer)
+        if self.fused:  # rows are items: the source is the row's own part
+            return decode_attention(q, prefix, None, OwnPart(k, v, mask), bank, scale, self.backend)
+        return decode_attention(
+            q, prefix, SharedPart(k, v, mask, plan["items"]), None, bank, scale, self.backend
+        )
 
     # -- stepping -----------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -151,12 +254,3 @@ class Batch:
         logits = self.runner.decode(self, tokens, positions, slot)
         self.row_pos = [p + 1 for p in self.row_pos]
         return logits
-
-    @property
-    def kv_bytes(self) -> int:
-        """Bytes held by this batch's preallocated K/V stores."""
-        return sum(store.nbytes for store in self.stores.values())
-
-
-def make_store(runner, layers: int, rows: int, capacity: int) -> KVStore:
-    return KVStore(layers, rows, runner.heads, capacity, runner.head_dim, runner.dtype, runner.device)

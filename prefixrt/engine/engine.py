@@ -173,21 +173,24 @@ class Engine:
             max_prompt_tokens,
             max_new_tokens,
         )
-        if self.runner.model_type == "gpt2":
-            stores = self.runner.make_stores(
-                max_batch_size, max_batch_size, max_prompt_tokens, max_new_tokens
-            )
-        else:
-            stores = self.runner.make_stores(
-                max_batch_size, max_batch_size, 1, max_new_tokens, max_prompt_tokens
-            )
-        self.batch = Batch(self.runner, stores, self.backend)
+        gpt2 = self.runner.model_type == "gpt2"
+        self.batch = Batch(
+            self.runner,
+            items=max_batch_size,
+            rows=max_batch_size,
+            context=max_prompt_tokens if gpt2 else 1,
+            generated=max_new_tokens,
+            source=0 if gpt2 else max_prompt_tokens,
+            backend=self.backend,
+            fused=True,
+        )
         self._decode = maybe_graphed_decode(self.batch, cuda_graphs)
         self._rows: list[_Request] = []  # the request of each batch row
         self._waiting: deque[_Request] = deque()
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._view: BankView | None = None
+        self._prepared: dict = {}  # (params, input length) -> (config, processors, sampling?)
 
     # -- public API ---------------------------------------------------------------------------------------------
     @property
@@ -283,8 +286,7 @@ class Engine:
                     finished.append(row)
             if finished:
                 self._retire(finished)
-        while self._waiting and len(self._rows) < self.max_batch_size:
-            self._admit(self._waiting.popleft(), events)
+        self._admit_waiting(events)
         return events
 
     def stream(self, request_id: int) -> Iterator[int]:
@@ -334,21 +336,14 @@ class Engine:
     def _prepare(self, prompt, prefix, params, on_token) -> _Request:
         """Generation config, processors and generator exactly as ``prefixrt.generate`` builds them for this
         request alone."""
-        model = self.model
-        resolved = cfg.resolve(model, None, params.generate_kwargs())
-        if resolved.mode not in ("greedy", "sample"):
-            raise cfg.UnsupportedGenerationArgument(
-                f"the Engine runs greedy search and sampling, not {resolved.mode}"
-            )
-        config = resolved.config
-        device = self.runner.device
-        cfg.special_tokens(model, config, False, device, 1)
         input_length = prompt.numel() if self.runner.model_type == "gpt2" else 1
-        cfg.prepare_lengths(model, resolved, input_length)
-        processors = build_processors(model, config, input_length, prompt[None], None, device)
+        cache_key = (repr(params.generate_kwargs()), input_length)
+        if cache_key not in self._prepared:
+            self._prepared[cache_key] = self._prepare_settings(params, input_length, prompt)
+        config, processors, sample = self._prepared[cache_key]
         generator = None
-        if resolved.mode == "sample":
-            generator = row_generators([base_seed(params.seed, None)], device)[0]
+        if sample:
+            generator = row_generators([base_seed(params.seed, None)], self.runner.device)[0]
         eos = config._eos_token_tensor
         return _Request(
             id=next(self._ids),
@@ -362,6 +357,22 @@ class Engine:
             eos=[] if eos is None else eos.tolist(),
             generator=generator,
         )
+
+    def _prepare_settings(self, params, input_length, prompt):
+        """``(config, processors, sampling?)`` for these params and input length (shared by requests: the
+        processors keep no per-row state without a padding mask)."""
+        model = self.model
+        resolved = cfg.resolve(model, None, params.generate_kwargs())
+        if resolved.mode not in ("greedy", "sample"):
+            raise cfg.UnsupportedGenerationArgument(
+                f"the Engine runs greedy search and sampling, not {resolved.mode}"
+            )
+        config = resolved.config
+        device = self.runner.device
+        cfg.special_tokens(model, config, False, device, 1)
+        cfg.prepare_lengths(model, resolved, input_length)
+        processors = build_processors(model, config, input_length, prompt[None], None, device)
+        return config, processors, resolved.mode == "sample"
 
     def _sequence(self, request: _Request) -> torch.Tensor:
         """What HF's processors see for this request: ``[1, L]``."""
@@ -422,30 +433,59 @@ class Engine:
         self._view = view
         self._view_key = key
 
-    def _admit(self, request: _Request, events: list) -> None:
+    def _admit_waiting(self, events: list) -> None:
+        """Start waiting requests while rows are free; requests with equal prompt lengths share one prefill
+        (no padding, so each row computes exactly what it would alone)."""
+        starting = []
+        while self._waiting and len(self._rows) + len(starting) < self.max_batch_size:
+            request = self._waiting.popleft()
+            if self._can_start(request):
+                starting.append(request)
+        groups: dict[tuple, list[_Request]] = {}
+        for request in starting:
+            groups.setdefault((request.prompt.numel(), self._start_token(request)), []).append(request)
+        for (length, start), group in groups.items():
+            self._prefill(group, length, start, events)
+
+    def _can_start(self, request: _Request) -> bool:
         if request.prefix is not None and request.prefix not in self.bank:
             request.status, request.finish_reason = RequestStatus.FAILED, "failed"
             request.error = f"prefix {request.prefix!r} was removed from the bank before the request started"
-            return
+            return False
         try:
             self._check_fits(request.prompt.numel(), request.prefix, request.params)
         except ValueError as err:  # the prefix was replaced by a longer one while the request waited
             request.status, request.finish_reason, request.error = RequestStatus.FAILED, "failed", str(err)
-            return
-        pid = -1 if request.prefix is None else self.bank.id_of(request.prefix)
+            return False
+        return True
+
+    def _start_token(self, request: _Request) -> int | None:
+        if self.runner.model_type == "gpt2":
+            return None
+        return int(request.config._decoder_start_token_tensor)
+
+    def _prefill(self, group: list[_Request], length: int, start: int | None, events: list) -> None:
         view = self._view
         key = self.batch.add_view(view)
-        shift = view.length("decoder", pid) if self.position_offset == "prefix" else 0
-        ids = request.prompt[None]
-        n = ids.shape[1]
-        if self.runner.model_type == "gpt2":
-            positions = torch.arange(n, device=ids.device)[None] + shift
-            logits = self.runner.prefill(self.batch, ids, None, positions, [pid], key, [1])
+        pids = [-1 if r.prefix is None else self.bank.id_of(r.prefix) for r in group]
+        shifts = [view.length("decoder", p) if self.position_offset == "prefix" else 0 for p in pids]
+        ids = torch.stack([r.prompt for r in group])
+        device = ids.device
+        if start is None:
+            positions = (
+                torch.arange(length, device=device)[None] + torch.tensor(shifts, device=device)[:, None]
+            )
+            logits = self.runner.prefill(self.batch, ids, None, positions, pids, key, [1] * len(group))
         else:
-            start = int(request.config._decoder_start_token_tensor)
-            logits = self.runner.prefill(self.batch, ids, None, start, [shift], [pid], key, [1])
-        request.status = RequestStatus.RUNNING
-        self._rows.append(request)
-        token = self._select(logits, [request])[0]
-        if self._emit(request, token, events):
-            self._retire([len(self._rows) - 1])
+            logits = self.runner.prefill(self.batch, ids, None, start, shifts, pids, key, [1] * len(group))
+        first = len(self._rows)
+        for request in group:
+            request.status = RequestStatus.RUNNING
+            self._rows.append(request)
+        finished = [
+            first + i
+            for i, (request, token) in enumerate(zip(group, self._select(logits, group), strict=True))
+            if self._emit(request, token, events)
+        ]
+        if finished:
+            self._retire(finished)

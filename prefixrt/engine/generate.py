@@ -122,8 +122,12 @@ def generate(
         processors = build_processors(model, config, length, input_ids, proc_mask, device)
         batch = Batch(
             runner,
-            runner.make_stores(batch_size, batch_size * width, length, config.max_length - length),
-            binding.backend,
+            items=batch_size,
+            rows=batch_size * width,
+            context=length,
+            generated=config.max_length - length,
+            backend=binding.backend,
+            fused=width == 1,
         )
         key = batch.add_view(view)
         logits = runner.prefill(
@@ -149,8 +153,13 @@ def generate(
             src_mask = attention_mask.bool()
         batch = Batch(
             runner,
-            runner.make_stores(batch_size, batch_size * width, 1, config.max_length - 1, length),
-            binding.backend,
+            items=batch_size,
+            rows=batch_size * width,
+            context=1,
+            generated=config.max_length - 1,
+            source=length,
+            backend=binding.backend,
+            fused=width == 1,
         )
         key = batch.add_view(view)
         logits = runner.prefill(

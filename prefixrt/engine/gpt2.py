@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from prefixrt import ops
-from prefixrt.engine.attention import decode_attention
-from prefixrt.engine.batch import Batch, make_store
+from prefixrt.engine.batch import Batch
 
 __all__ = ["GPT2Runner"]
 
@@ -22,7 +21,7 @@ __all__ = ["GPT2Runner"]
 class GPT2Runner:
     """Runs a ``GPT2LMHeadModel`` for the engine.
 
-    Per-item store ``"ctx"`` (the prompt's K/V, ``[layers, items, H, T, D]``); per-row store ``"gen"``.
+    The prompt's K/V go to ``batch.prompt_store()``; see :mod:`prefixrt.engine.batch` for the layouts.
     """
 
     model_type = "gpt2"
@@ -52,13 +51,6 @@ class GPT2Runner:
             return float(attn.scaling)
         scale = (config.n_embd // config.n_head) ** -0.5 if config.scale_attn_weights else 1.0
         return scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
-
-    def make_stores(self, items: int, rows: int, context: int, generated: int, source: int = 0) -> dict:
-        """``context``: longest prompt; ``generated``: most tokens fed back per row."""
-        return {
-            "ctx": make_store(self, self.layers, items, context),
-            "gen": make_store(self, self.layers, rows, generated),
-        }
 
     def _qkv(self, block, x: torch.Tensor):
         """``x [..., T, C]`` -> q, k, v ``[..., H, T, D]`` (views of one fused projection, like HF)."""
@@ -93,7 +85,7 @@ class GPT2Runner:
         """
         items, length = input_ids.shape
         view = batch.views[view_key]
-        ctx = batch.stores["ctx"]
+        ctx = batch.prompt_store()
         rows = ctx.append_rows([length] * items, valid=mask)
         pid = torch.tensor(prefix_ids, dtype=torch.long, device=self.device)
         transformer = self.model.transformer
@@ -131,15 +123,7 @@ class GPT2Runner:
         for layer, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, block.ln_1(h)[:, None])  # [n, H, 1, D]
             gen.write_token(layer, slot, k[:, :, 0], v[:, :, 0])
-            out = decode_attention(
-                q[:, :, 0],
-                batch.prefix_part("decoder", layer),
-                batch.shared_part("ctx", layer, full),
-                batch.own_part(layer, full),
-                batch.any_bank("decoder", layer),
-                self.scales[layer],
-                batch.backend,
-            )
+            out = batch.self_attention(q[:, :, 0], layer, self.scales[layer], full)
             h = block.attn.c_proj(out.reshape(n, self.hidden)) + h
             h = block.mlp(block.ln_2(h)) + h
         return self.model.lm_head(transformer.ln_f(h))

@@ -1,0 +1,277 @@
+"""``prefixrt bench generate``: issue 4's end-to-end generation benchmark, baselines in the same run.
+
+Builds the workload of :mod:`prefixrt.engine.workload` (GPT-2-small size, random weights, N prefixes x M requests,
+32-token prompts, 64 new tokens, greedy) for each prefix length, runs every method (PEFT-style per-prefix batches,
+HF ``generate()`` on the attached model, ``prefixrt.generate``, ``prefixrt.Engine``), checks they produce the same
+tokens, prints a table, and writes JSON (device, versions, commit, date, load average, figures, targets) and a
+PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+NAME = "bench"
+HELP = (
+    "Benchmarks (`prefixrt bench generate`: mixed-prefix generation vs PEFT-style and attached HF generate)."
+)
+
+TARGETS = {"peft_style": 3.0, "hf_attached": 1.5}  # issue 4, 2-core CPU, 8 prefixes x 4 requests
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from prefixrt.engine.workload import METHODS
+
+    sub = parser.add_subparsers(dest="bench", required=True)
+    g = sub.add_parser("generate", help="end-to-end generation (issue 4)", description=__doc__)
+    g.add_argument("--prefixes", type=int, default=8, help="distinct prefixes (N)")
+    g.add_argument("--per-prefix", type=int, default=4, help="requests per prefix (M)")
+    g.add_argument("--prefix-lengths", type=int, nargs="+", default=[10, 200], help="P values")
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    g.add_argument("--repeats", type=int, default=1, help="runs per method (the fastest is kept)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument(
+        "--backend", default="auto", help="prefixrt attention backend (auto, reference, cpp, triton)"
+    )
+    g.add_argument(
+        "--small", action="store_true", help="a 2-layer, 64-wide model with a 1000-token vocabulary"
+    )
+    g.add_argument("--out", type=Path, default=Path("generate_bench.json"), help="JSON output")
+    g.add_argument("--plot", type=Path, default=None, help="PNG output (default: --out with .png)")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _load() -> float:
+    try:
+        return float(open("/proc/loadavg", encoding="utf-8").read().split()[0])
+    except OSError:
+        return float("nan")
+
+
+def _decode_backend(bank, backend: str) -> str:
+    import torch
+
+    from prefixrt import ops
+
+    spec = bank.spec.sites["decoder"]
+    q = torch.empty(1, spec.num_heads, 1, spec.head_dim)
+    return ops.select_backend(backend, ops.AttentionCall.of(q, q, True, 0.0, False)).name
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import prefixrt
+    from prefixrt.engine.workload import Workload, build, measure, run_method
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(layers=2, hidden=64, heads=4, vocab=1000) if args.small else {}
+    model = None
+    results, environment = (
+        [],
+        {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": sys.version.split()[0],
+            "prefixrt_commit": _commit(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(),
+        },
+    )
+    for prefix_len in args.prefix_lengths:
+        workload = Workload(
+            prefixes=args.prefixes,
+            per_prefix=args.per_prefix,
+            prefix_len=prefix_len,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            **shape,
+        )
+        model, bank, input_ids, prefix_ids = build(workload, model)
+        environment["decode_backend"] = _decode_backend(bank, args.backend)
+        outputs = {}
+        for method in args.methods:
+            attached = prefixrt.is_attached(model)
+            if method == "peft_style" and attached:
+                prefixrt.detach(model)
+            elif method != "peft_style" and not attached:
+                prefixrt.attach(model, bank, backend=args.backend)
+            best = None
+            call = _bind(run_method, method, model, bank, input_ids, prefix_ids, workload)
+            for _ in range(args.repeats):
+                load = _load()
+                out, seconds, peak = measure(call)
+                if best is None or seconds < best["seconds"]:
+                    best = {
+                        "seconds": seconds,
+                        "peak_rss_bytes": peak,
+                        "load_before": load,
+                        "load_after": _load(),
+                    }
+            outputs[method] = out
+            tokens = workload.rows * workload.new_tokens
+            results.append(
+                {
+                    "prefix_len": prefix_len,
+                    "method": method,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / best["seconds"],
+                    **best,
+                }
+            )
+            print(
+                f"  P={prefix_len:<4} {method:<18} {best['seconds']:8.2f} s  {tokens / best['seconds']:8.1f} tok/s",
+                flush=True,
+            )
+        if prefixrt.is_attached(model):
+            prefixrt.detach(model)
+        reference = outputs.get("hf_attached", next(iter(outputs.values())))
+        for r in results:
+            if r["prefix_len"] == prefix_len:
+                r["same_tokens_as_hf_attached"] = bool(torch.equal(outputs[r["method"]], reference))
+    summary = _summarize(results, args)
+    report = {
+        "workload": {
+            **Workload(
+                prefixes=args.prefixes,
+                per_prefix=args.per_prefix,
+                prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens,
+                **shape,
+            ).to_dict(),
+            "prefix_lengths": args.prefix_lengths,
+        },
+        "environment": environment,
+        "memory_measure": "peak RSS growth over the run (Linux VmHWM reset via "
+        "/proc/self/clear_refs, minus VmRSS before); includes torch CPU allocations",
+        "results": results,
+        "summary": summary,
+    }
+    _print_table(results, summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot = args.plot or args.out.with_suffix(".png")
+    _plot(results, environment, plot)
+    print(f"wrote {args.out} and {plot}")
+    return 0
+
+
+def _bind(fn, *args):
+    return lambda: fn(*args)
+
+
+def _summarize(results: list[dict], args) -> list[dict]:
+    summary = []
+    for prefix_len in args.prefix_lengths:
+        rows = {r["method"]: r for r in results if r["prefix_len"] == prefix_len}
+        ours = rows.get("prefixrt_generate")
+        if ours is None:
+            continue
+        entry = {"prefix_len": prefix_len}
+        for baseline, target in TARGETS.items():
+            if baseline in rows:
+                speedup = ours["tokens_per_s"] / rows[baseline]["tokens_per_s"]
+                entry[f"speedup_vs_{baseline}"] = speedup
+                entry[f"target_vs_{baseline}"] = target
+                entry[f"met_vs_{baseline}"] = speedup >= target
+        summary.append(entry)
+    return summary
+
+
+def _print_table(results: list[dict], summary: list[dict]) -> None:
+    print(f"\n{'P':>4}  {'method':<18} {'seconds':>8} {'tok/s':>8} {'peak RSS MB':>12} {'same tokens':>12}")
+    for r in results:
+        peak = "n/a" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:.0f}"
+        print(
+            f"{r['prefix_len']:>4}  {r['method']:<18} {r['seconds']:8.2f} {r['tokens_per_s']:8.1f} {peak:>12} "
+            f"{str(r.get('same_tokens_as_hf_attached')):>12}"
+        )
+    for s in summary:
+        parts = [
+            f"{k.removeprefix('speedup_vs_')}: {v:.2f}x (target {s['target_vs_' + k.removeprefix('speedup_vs_')]}x)"
+            for k, v in s.items()
+            if k.startswith("speedup_vs_")
+        ]
+        print(f"P={s['prefix_len']}: prefixrt.generate vs " + ", ".join(parts))
+
+
+def _plot(results: list[dict], environment: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["prefix_len"] for r in results})
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        xs = [j + i * width for j in range(len(lengths))]
+        by_len = {r["prefix_len"]: r for r in results if r["method"] == method}
+        axes[0].bar(
+            xs, [by_len[p]["tokens_per_s"] if p in by_len else 0 for p in lengths], width, label=method
+        )
+        axes[1].bar(
+            xs,
+            [(by_len[p]["peak_rss_bytes"] or 0) / 2**20 if p in by_len else 0 for p in lengths],
+            width,
+            label=method,
+        )
+    for ax, title in zip(
+        axes, ("tokens / s (higher is better)", "peak RSS growth, MB (lower is better)"), strict=True
+    ):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"P={p}" for p in lengths])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"mixed-prefix generation, {environment['cpu']} ({environment['threads']} threads), "
+        f"backend {environment.get('decode_backend')}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="prefixrt bench")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,167 @@
+"""The end-to-end generation benchmark of issue 4: the workload, the ways to run it, and how each is measured.
+
+Workload: a GPT-2-small-size model (12 layers, 768 wide, 12 heads, vocabulary 50257; seeded random weights),
+``prefixes x per_prefix`` requests (row ``r`` uses prefix ``r % prefixes``), prompts of 32 random tokens, 64 new
+tokens each, greedy, no EOS (every row generates exactly ``new_tokens``), prefix length ``P``.
+
+Methods (same model weights, same bank, same prompts):
+
+* ``peft_style`` -- what PEFT does: each prefix's requests as their own batch, HF ``generate()`` on the plain
+  model with the prefix's K/V copied into a ``DynamicCache`` (expanded to the batch) and the attention mask
+  extended by ``P`` ones (built by hand; same positions as PEFT: real tokens at ``P .. P+T-1``);
+* ``hf_attached`` -- HF ``generate()`` on the model attached with ``prefixrt.attach``, one mixed batch;
+* ``prefixrt_generate`` -- :func:`prefixrt.generate`, one mixed batch;
+* ``prefixrt_engine`` -- :class:`prefixrt.Engine` with every request added at once.
+
+Each is timed end to end (prefill included) and its peak memory is the growth of the process's resident set
+over the run (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus ``VmRSS`` before): it
+sees torch's CPU allocations, which ``tracemalloc`` does not. Outputs are compared token for token.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["METHODS", "Workload", "build", "measure", "run_method"]
+
+METHODS = ("peft_style", "hf_attached", "prefixrt_generate", "prefixrt_engine")
+
+
+@dataclass(frozen=True)
+class Workload:
+    prefixes: int = 8
+    per_prefix: int = 4
+    prefix_len: int = 10
+    prompt_len: int = 32
+    new_tokens: int = 64
+    layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    vocab: int = 50257
+    seed: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.prefixes * self.per_prefix
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build(workload: Workload, model=None):
+    """``(model, bank, input_ids [rows, T], prefix_ids [rows])``; the model is built unless given (then only
+    checked to have the workload's shape). The model is returned detached."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import prefixrt
+
+    if model is None:
+        torch.manual_seed(workload.seed)
+        config = GPT2Config(
+            n_layer=workload.layers,
+            n_embd=workload.hidden,
+            n_head=workload.heads,
+            vocab_size=workload.vocab,
+            n_positions=1024,
+            eos_token_id=None,
+            bos_token_id=None,
+            pad_token_id=0,
+        )
+        model = GPT2LMHeadModel(config).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(workload.seed + 1)
+    bank = prefixrt.PrefixBank.for_model(model)
+    head_dim = workload.hidden // workload.heads
+    for p in range(workload.prefixes):
+        kv = torch.randn(workload.layers, 2, workload.heads, workload.prefix_len, head_dim, generator=g)
+        bank.add(f"prefix{p}", kv)
+    # Token 0 is the pad id: keep it out of the prompts (HF would infer padding from it).
+    input_ids = torch.randint(1, workload.vocab, (workload.rows, workload.prompt_len), generator=g)
+    prefix_ids = torch.arange(workload.rows) % workload.prefixes
+    return model, bank, input_ids, prefix_ids
+
+
+def _generate_kwargs(workload: Workload) -> dict:
+    return dict(max_new_tokens=workload.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def peft_style_generate(model, bank, input_ids, prefix_ids, workload: Workload) -> torch.Tensor:
+    """PEFT's way: one batch per prefix, the prefix copied into the cache and the mask extended."""
+    from transformers import DynamicCache
+
+    out = torch.empty(input_ids.shape[0], workload.prompt_len + workload.new_tokens, dtype=torch.long)
+    for pid in prefix_ids.unique().tolist():
+        rows = (prefix_ids == pid).nonzero()[:, 0]
+        kv = bank.entry(bank.name_of(pid))["decoder"]  # [L, 2, H, P, D]
+        cache = DynamicCache(config=model.config)
+        for layer in range(kv.shape[0]):
+            k = kv[layer, 0][None].expand(rows.numel(), -1, -1, -1).contiguous()
+            v = kv[layer, 1][None].expand(rows.numel(), -1, -1, -1).contiguous()
+            cache.update(k, v, layer)
+        mask = torch.ones(rows.numel(), kv.shape[3] + input_ids.shape[1], dtype=torch.long)
+        out[rows] = model.generate(
+            input_ids[rows], attention_mask=mask, past_key_values=cache, **_generate_kwargs(workload)
+        )
+    return out
+
+
+def run_method(name: str, model, bank, input_ids, prefix_ids, workload: Workload) -> torch.Tensor:
+    """Run one method; ``model`` must be attached to ``bank`` except for ``peft_style`` (detached)."""
+    from prefixrt.engine import Engine, SamplingParams, generate
+
+    with torch.no_grad():
+        if name == "peft_style":
+            return peft_style_generate(model, bank, input_ids, prefix_ids, workload)
+        mask = torch.ones_like(input_ids)
+        if name == "hf_attached":
+            return model.generate(
+                input_ids, attention_mask=mask, prefix_ids=prefix_ids, **_generate_kwargs(workload)
+            )
+        if name == "prefixrt_generate":
+            return generate(
+                model, input_ids, attention_mask=mask, prefix_ids=prefix_ids, **_generate_kwargs(workload)
+            )
+        if name == "prefixrt_engine":
+            engine = Engine(
+                model,
+                bank,
+                max_batch_size=input_ids.shape[0],
+                max_prompt_tokens=input_ids.shape[1],
+                max_new_tokens=workload.new_tokens,
+            )
+            params = SamplingParams(max_new_tokens=workload.new_tokens, eos_token_id=None, pad_token_id=0)
+            ids = [
+                engine.add_request(row, prefix=bank.name_of(int(p)), params=params)
+                for row, p in zip(input_ids, prefix_ids, strict=True)
+            ]
+            results = engine.run()
+            new = torch.tensor([results[i].tokens for i in ids])
+            return torch.cat([input_ids, new], dim=1)
+    raise ValueError(f"unknown method {name!r}; methods are {METHODS}")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(fn) -> tuple[object, float, int | None]:
+    """``(result, seconds, peak RSS growth in bytes or None where /proc is unavailable)``."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+        before = _status_kb("VmRSS")
+    except OSError:
+        before = None
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = None if before is None else (_status_kb("VmHWM") - before) * 1024
+    return result, seconds, peak
