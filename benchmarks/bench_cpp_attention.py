@@ -1,0 +1,355 @@
+"""C++ CPU prefix attention vs the reference path and vs HF-style attention over concatenated prefixes.
+
+Baselines copy each row's prefix out of the bank and concatenate it with the row's own keys (what PEFT does;
+the gather is inside the timed region), then run HF-eager-style attention (matmul, additive mask, softmax,
+matmul) or PyTorch SDPA (what HF's default "sdpa" attention calls). "reference" is prefixrt's oracle backend.
+
+Shapes (issue 5): GPT-2-small attention (12 heads, head dim 64), one layer, fp32 and bf16.
+* decode: 32 rows over 8 prefixes (ids interleaved), P=200, 64 cached tokens + the new one, one query per row;
+* prefill: 8 rows over 4 prefixes, P=200, T=128, causal; also its backward (training).
+
+Two ways to run it:
+* ``python -m pytest benchmarks/bench_cpp_attention.py --benchmark-only`` (pytest-benchmark);
+* ``python benchmarks/bench_cpp_attention.py``: times every case, measures this machine's memory copy / read
+  bandwidth and matmul rate in the same run, prints a table and writes ``benchmarks/results/cpu_attention.json``
+  and ``cpu_attention.png`` (CPU, threads, versions, commit, date, load average: other jobs on a shared machine
+  show up there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefixrt import ops
+from prefixrt.ops.cpp_backend import cpp_backward, cpp_forward
+from prefixrt.ops.reference import prefix_attention_reference_backward
+
+HEADS, HEAD_DIM, PREFIX_LEN = 12, 64, 200
+DECODE = dict(rows=32, prefixes=8, q_len=1, k_len=65, causal=True)
+PREFILL = dict(rows=8, prefixes=4, q_len=128, k_len=128, causal=True)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Workload:
+    """One attention call: q ``[B, H, Tq, D]``, k/v ``[B, H, Tk, D]``, a bank ``[H, N*P, D]`` of P-token entries."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bank_k: torch.Tensor
+    bank_v: torch.Tensor
+    prefix_ids: torch.Tensor
+    bank_offsets: torch.Tensor
+    causal: bool
+
+    @property
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets)
+
+    def flops(self) -> float:
+        """Forward FLOPs over the visible (query, key) pairs: ``4 * D`` per pair and head."""
+        b, h, tq, d = self.q.shape
+        tk = self.k.shape[2]
+        own = sum(min(tk, i + 1 + tk - tq) for i in range(tq)) if self.causal else tq * tk
+        return 4.0 * d * h * b * (tq * PREFIX_LEN + own)
+
+    def bytes_moved(self) -> float:
+        """Bytes that must move: each distinct prefix's K/V once, each row's own K/V, q and out."""
+        b, h, tq, d = self.q.shape
+        distinct = int(self.prefix_ids.unique().numel())
+        return (
+            self.q.element_size() * h * d * (2 * distinct * PREFIX_LEN + 2 * b * self.k.shape[2] + 2 * b * tq)
+        )
+
+
+def make_workload(rows, prefixes, q_len, k_len, causal, dtype=torch.float32) -> Workload:
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return Workload(
+        q=randn(rows, HEADS, q_len, HEAD_DIM),
+        # k/v as HF hands them over: transposed views of [B, T, H, D]
+        k=randn(rows, k_len, HEADS, HEAD_DIM).transpose(1, 2),
+        v=randn(rows, k_len, HEADS, HEAD_DIM).transpose(1, 2),
+        bank_k=randn(HEADS, prefixes * PREFIX_LEN, HEAD_DIM),
+        bank_v=randn(HEADS, prefixes * PREFIX_LEN, HEAD_DIM),
+        prefix_ids=torch.arange(rows) % prefixes,
+        bank_offsets=torch.arange(prefixes + 1) * PREFIX_LEN,
+        causal=causal,
+    )
+
+
+# -- the ways to compute it
+
+
+def concatenated(w: Workload):
+    """Keys/values ``[B, H, P+Tk, D]`` with each row's prefix copied in front, and the visibility ``[Tq, P+Tk]``."""
+    tq, tk = w.q.shape[2], w.k.shape[2]
+    index = w.bank_offsets[w.prefix_ids][:, None] + torch.arange(PREFIX_LEN)  # [B, P]
+    keys = torch.cat([w.bank_k[:, index].transpose(0, 1), w.k], dim=2)
+    values = torch.cat([w.bank_v[:, index].transpose(0, 1), w.v], dim=2)
+    own = (
+        torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        if w.causal
+        else torch.ones(tq, tk, dtype=torch.bool)
+    )
+    visible = torch.cat([torch.ones(tq, PREFIX_LEN, dtype=torch.bool), own], dim=1)
+    return keys, values, visible
+
+
+def eager_concatenated(w: Workload) -> torch.Tensor:
+    """HF eager attention on concatenated prefixes: matmul, additive mask, softmax in fp32, matmul."""
+    keys, values, visible = concatenated(w)
+    mask = torch.zeros(visible.shape, dtype=w.q.dtype).masked_fill(~visible, torch.finfo(w.q.dtype).min)
+    scores = w.q @ keys.transpose(-1, -2) * HEAD_DIM**-0.5 + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(w.q.dtype) @ values
+
+
+def sdpa_concatenated(w: Workload) -> torch.Tensor:
+    """PyTorch SDPA on concatenated prefixes (HF's "sdpa" attention)."""
+    keys, values, visible = concatenated(w)
+    return F.scaled_dot_product_attention(w.q, keys, values, attn_mask=visible)
+
+
+def reference(w: Workload):
+    return ops.prefix_attention(*w.args, causal=w.causal, backend="reference")
+
+
+def cpp(w: Workload):
+    return ops.prefix_attention(*w.args, causal=w.causal, backend="cpp")
+
+
+METHODS: dict[str, Callable] = {
+    "cpp": cpp,
+    "reference": reference,
+    "eager-concat": eager_concatenated,
+    "sdpa-concat": sdpa_concatenated,
+}
+
+
+def backward_closures(w: Workload) -> dict[str, Callable]:
+    """The backward alone (forward results precomputed), C++ vs the reference's explicit softmax backward."""
+    scale = HEAD_DIM**-0.5
+    out, lse = cpp_forward(*w.args, None, w.causal, scale)
+    dout = torch.randn_like(out)
+    return {
+        "cpp": lambda: cpp_backward(dout, *w.args, None, w.causal, scale, out, lse),
+        "reference": lambda: prefix_attention_reference_backward(dout, *w.args, None, w.causal, scale),
+    }
+
+
+# -- pytest-benchmark cases
+
+
+def _record(benchmark):
+    benchmark.extra_info.update(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__)
+    return benchmark
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.benchmark(group="cpu-decode-attention-fp32")
+def test_decode(benchmark, method):
+    w = make_workload(**DECODE)
+    with torch.no_grad():
+        _record(benchmark)(METHODS[method], w)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.benchmark(group="cpu-prefill-attention-fp32")
+def test_prefill(benchmark, method):
+    w = make_workload(**PREFILL)
+    with torch.no_grad():
+        _record(benchmark)(METHODS[method], w)
+
+
+@pytest.mark.parametrize("method", ["cpp", "reference"])
+@pytest.mark.benchmark(group="cpu-prefill-backward-fp32")
+def test_prefill_backward(benchmark, method):
+    _record(benchmark)(backward_closures(make_workload(**PREFILL))[method])
+
+
+# -- standalone run: a table, JSON and a plot
+
+
+def cpu_name() -> str:
+    if platform.system() == "Linux":
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def timeit(fn: Callable, min_time: float = 0.5, min_runs: int = 3, max_runs: int = 200) -> dict:
+    """Median and min wall time (ms) of ``fn()`` over repeated calls after two warm-up calls."""
+    fn()
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "runs": len(times)}
+
+
+def machine_rates() -> dict:
+    """This machine's memory copy / read bandwidth and matmul rates, measured now with torch."""
+    x = torch.randn(64 * 2**20)  # 256 MiB
+    y = torch.empty_like(x)
+    copy = timeit(lambda: y.copy_(x), min_time=1.0)
+    read = timeit(lambda: x.sum(), min_time=1.0)
+    rates = {
+        "copy_GBps": 2 * x.numel() * 4 / copy["min_ms"] / 1e6,  # read + write
+        "read_GBps": x.numel() * 4 / read["min_ms"] / 1e6,
+    }
+    # bf16 matmul is emulated on CPUs without AVX512-BF16/AMX (about 1 GFLOP/s): a smaller one suffices
+    for dtype, n in ((torch.float32, 2048), (torch.bfloat16, 512)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        mm = timeit(lambda a=a, b=b: a @ b, min_time=1.0)
+        rates[f"matmul_{str(dtype)[6:]}_GFLOPs"] = 2 * n**3 / mm["min_ms"] / 1e6
+    return rates
+
+
+def versions() -> dict:
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:  # noqa: BLE001  (git or a compiler missing: just say so)
+            return "unknown"
+
+    from prefixrt.ops.cpp_build import simd_target
+
+    return {
+        "commit": run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "compiler": run([os.environ.get("CXX", "c++"), "--version"]).splitlines()[0:1],
+        "simd": simd_target(),
+    }
+
+
+def run_all(quick: bool = False) -> dict:
+    rates = machine_rates()
+    rows = []
+    min_time = 0.2 if quick else 1.0
+    for case, shape in (("decode", DECODE), ("prefill", PREFILL)):
+        for dtype in (torch.float32, torch.bfloat16):
+            w = make_workload(**shape, dtype=dtype)
+            with torch.no_grad():
+                for method, fn in METHODS.items():
+                    t = timeit(lambda fn=fn, w=w: fn(w), min_time=min_time)
+                    rows.append(dict(case=case, dtype=str(dtype)[6:], method=method, **t,
+                                     GBps=w.bytes_moved() / t["median_ms"] / 1e6,
+                                     GFLOPs=w.flops() / t["median_ms"] / 1e6))  # fmt: skip
+            if case == "prefill":
+                for method, fn in backward_closures(w).items():
+                    t = timeit(fn, min_time=min_time)
+                    rows.append(dict(case="prefill-backward", dtype=str(dtype)[6:], method=method, **t,
+                                     GBps=float("nan"), GFLOPs=2.5 * w.flops() / t["median_ms"] / 1e6))  # fmt: skip
+    for row in rows:
+        ref = next(r for r in rows if r["case"] == row["case"] and r["dtype"] == row["dtype"]
+                   and r["method"] == "reference")  # fmt: skip
+        row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"]
+    return {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_before_after": None,
+        "versions": versions(),
+        "machine": rates,
+        "shapes": {
+            "heads": HEADS,
+            "head_dim": HEAD_DIM,
+            "prefix_len": PREFIX_LEN,
+            "decode": DECODE,
+            "prefill": PREFILL,
+        },  # fmt: skip
+        "timing": "wall clock, median (and min) over >= 3 calls and >= 1 s after 2 warm-up calls",
+        "bytes": "decode GB/s = (distinct prefixes' K/V once + each row's K/V + q + out) / median time",
+        "flops": "GFLOP/s = 4*D per visible (query, key) pair and head / median time; backward counts 2.5x",
+        "results": rows,
+    }
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"{report['cpu']}, {report['threads']} threads, torch {report['versions']['torch']}, "
+          f"commit {report['versions']['commit']}, load avg {report['loadavg_before_after']}")  # fmt: skip
+    print(f"machine: copy {m['copy_GBps']:.1f} GB/s (read+write), read {m['read_GBps']:.1f} GB/s, "
+          f"matmul fp32 {m['matmul_float32_GFLOPs']:.1f} GFLOP/s, bf16 {m['matmul_bfloat16_GFLOPs']:.2f} GFLOP/s")  # fmt: skip
+    print(
+        f"{'case':17} {'dtype':9} {'method':13} {'median ms':>10} {'min ms':>8} {'vs ref':>7} {'GB/s':>7} {'GFLOP/s':>8}"
+    )
+    for r in report["results"]:
+        print(f"{r['case']:17} {r['dtype']:9} {r['method']:13} {r['median_ms']:10.3f} {r['min_ms']:8.3f} "
+              f"{r['speedup_vs_reference']:6.1f}x {r['GBps']:7.2f} {r['GFLOPs']:8.1f}")  # fmt: skip
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(
+        {(r["case"], r["dtype"]) for r in report["results"]}, key=lambda g: (g[0], g[1] != "float32")
+    )
+    methods = list(dict.fromkeys(r["method"] for r in report["results"]))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        xs, ys = [], []
+        for j, (case, dtype) in enumerate(groups):
+            hit = [
+                r for r in report["results"] if (r["case"], r["dtype"], r["method"]) == (case, dtype, method)
+            ]
+            if hit:
+                xs.append(j + i * width)
+                ys.append(hit[0]["median_ms"])
+        bars = ax.bar(xs, ys, width, label=method)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{c}\n{d}" for c, d in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (median, log scale)")
+    ax.set_title(f"prefix attention, one GPT-2-small layer: {report['cpu']}, {report['threads']} threads, "
+                 f"commit {report['versions']['commit']}", fontsize=9)  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_attention.json")
+    parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    args = parser.parse_args(argv)
+    before = os.getloadavg()
+    report = run_all(args.quick)
+    report["loadavg_before_after"] = [round(before[0], 2), round(os.getloadavg()[0], 2)]
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
