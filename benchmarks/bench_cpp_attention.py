@@ -79,16 +79,24 @@ class Workload:
 
 
 def make_workload(rows, prefixes, q_len, k_len, causal, dtype=torch.float32) -> Workload:
+    """Prefill k/v are transposed views of ``[B, T, H, D]`` (fresh projections, as HF hands them over);
+    decode k/v are contiguous ``[B, H, T, D]`` (a KV cache)."""
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
+    def own():
+        return (
+            randn(rows, HEADS, k_len, HEAD_DIM)
+            if q_len == 1
+            else randn(rows, k_len, HEADS, HEAD_DIM).transpose(1, 2)
+        )
+
     return Workload(
         q=randn(rows, HEADS, q_len, HEAD_DIM),
-        # k/v as HF hands them over: transposed views of [B, T, H, D]
-        k=randn(rows, k_len, HEADS, HEAD_DIM).transpose(1, 2),
-        v=randn(rows, k_len, HEADS, HEAD_DIM).transpose(1, 2),
+        k=own(),
+        v=own(),
         bank_k=randn(HEADS, prefixes * PREFIX_LEN, HEAD_DIM),
         bank_v=randn(HEADS, prefixes * PREFIX_LEN, HEAD_DIM),
         prefix_ids=torch.arange(rows) % prefixes,
