@@ -1,16 +1,22 @@
 """Training prefixes: :class:`PrefixTuner` (the paper's reparameterization, several tasks in mixed batches),
-:func:`train` (AdamW, linear warm-up, loss log and plot) and checkpoints that resume bit for bit."""
+:func:`train` (AdamW, linear warm-up, dev evaluation, loss log and plot, several processes), the fine-tuning
+baseline :func:`finetune` (the same loop, the whole model trained) and checkpoints that resume bit for bit."""
 
 from prefixrt.train.checkpoint import CheckpointError, load_checkpoint, load_tuner, save_checkpoint
+from prefixrt.train.distributed import Dist, init_from_env
+from prefixrt.train.finetune import finetune
 from prefixrt.train.loop import TrainConfig, TrainResult, lm_loss, train
 from prefixrt.train.tuner import PrefixTuner, PrefixView
 
 __all__ = [
     "CheckpointError",
+    "Dist",
     "PrefixTuner",
     "PrefixView",
     "TrainConfig",
     "TrainResult",
+    "finetune",
+    "init_from_env",
     "lm_loss",
     "load_checkpoint",
     "load_tuner",

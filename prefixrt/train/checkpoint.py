@@ -2,17 +2,21 @@
 
 A checkpoint keeps what a bank drops -- the reparameterization MLP -- plus the optimizer and scheduler state, the
 RNG states and the step, so ``train(..., resume=True)`` continues bit for bit where the run stopped (PEFT saves
-only the prefix). Tensors go into the safetensors body, everything else into its JSON metadata:
+only the prefix). The fine-tuning baseline (:func:`prefixrt.train.finetune`) writes the same file with the
+model's parameters in place of the tuner's (metadata ``kind`` = ``"finetune"``). Tensors go into the safetensors
+body, everything else into its JSON metadata:
 
 =====================  ==================================================================================
 key                    content
 =====================  ==================================================================================
 ``tuner/<name>``       the tuner's state dict (``P'``, MLP weights, or the direct K/V)
+``model/<name>``       fine-tuning: the model's parameters (``named_parameters()``: tied weights once)
 ``optimizer/<i>/<k>``  optimizer state tensor ``k`` (``exp_avg``, ``step``, ...) of parameter ``i``
 ``rng/cpu``            ``torch.get_rng_state()``; ``rng/cuda/<d>`` the CUDA generators when in use
 metadata ``format``    ``"prefixrt.train-checkpoint"``, ``version``
+metadata ``kind``      ``"prefix"`` (absent in older files) or ``"finetune"``
 metadata ``spec``      the model architecture (:class:`~prefixrt.ModelSpec` JSON)
-metadata ``tuner``     :meth:`PrefixTuner.config` (rebuilds the tuner's structure)
+metadata ``tuner``     :meth:`PrefixTuner.config` (rebuilds the tuner's structure); ``null`` for fine-tuning
 metadata ``optimizer`` param groups and non-tensor state values (JSON)
 metadata ``scheduler`` the LR scheduler's state dict without its lambdas (JSON)
 metadata ``trainer``   step, epoch, the training config and a fingerprint of the data (JSON)
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from prefixrt.fileio import atomic_write
 from prefixrt.spec import ModelSpec
@@ -52,35 +57,52 @@ class TrainCheckpoint:
 
     path: Path
     spec: ModelSpec
-    tuner_config: dict[str, Any]
+    tuner_config: dict[str, Any] | None
     tuner_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any] | None
     rng: dict[str, torch.Tensor]
     trainer: dict[str, Any]
+    kind: str = "prefix"
+    model_state: dict[str, torch.Tensor] | None = None
 
     def build_tuner(self, device: torch.device | str | None = None) -> PrefixTuner:
         """A tuner with this checkpoint's structure and parameters."""
+        if self.kind != "prefix":
+            raise CheckpointError(
+                f"{self.path} is a fine-tuning checkpoint (the whole model); it holds no tuner"
+            )
         tuner = PrefixTuner.from_config(self.spec, self.tuner_config, device=device)
         tuner.load_state_dict(self.tuner_state)
         return tuner
 
     def restore(
         self,
-        tuner: PrefixTuner,
+        tuner: PrefixTuner | nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         rng: bool = True,
     ) -> None:
-        """Load the parameters, optimizer and scheduler state and (``rng=True``) the RNG states."""
-        if tuner.config() != self.tuner_config or tuner.spec != self.spec:
-            raise CheckpointError(
-                f"{self.path}: the checkpoint holds a tuner {self.tuner_config} for {self.spec.describe()}, "
-                f"but the run has {tuner.config()} for {tuner.spec.describe()}"
-            )
-        tuner.load_state_dict(self.tuner_state)
-        if optimizer is not None:
+        """Load the parameters (a tuner's, or a fine-tuned model's), optimizer and scheduler state and
+        (``rng=True``) the RNG states."""
+        if isinstance(tuner, PrefixTuner):
+            if self.kind != "prefix":
+                raise CheckpointError(
+                    f"{self.path} is a fine-tuning checkpoint; it cannot restore a PrefixTuner"
+                )
+            if tuner.config() != self.tuner_config or tuner.spec != self.spec:
+                raise CheckpointError(
+                    f"{self.path}: the checkpoint holds a tuner {self.tuner_config} for {self.spec.describe()}, "
+                    f"but the run has {tuner.config()} for {tuner.spec.describe()}"
+                )
+            tuner.load_state_dict(self.tuner_state)
             device = tuner.device
+        else:
+            if self.kind != "finetune":
+                raise CheckpointError(f"{self.path} is a prefix-tuning checkpoint; it cannot restore a model")
+            _load_model_parameters(self.path, tuner, self.model_state or {})
+            device = next(tuner.parameters()).device
+        if optimizer is not None:
             state = {
                 "state": {
                     int(i): {
@@ -100,19 +122,47 @@ class TrainCheckpoint:
                 torch.cuda.set_rng_state_all(cuda)
 
 
+def _load_model_parameters(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise CheckpointError(
+            f"{path}: the checkpoint's parameters do not match the model (missing {missing[:5]}, "
+            f"unexpected {extra[:5]})"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{path}: parameter {name} is {list(state[name].shape)} in the checkpoint, "
+                    f"{list(p.shape)} in the model"
+                )
+            p.copy_(state[name])
+
+
 def save_checkpoint(
     path: str | os.PathLike,
-    tuner: PrefixTuner,
+    tuner: PrefixTuner | nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     trainer: dict[str, Any] | None = None,
 ) -> None:
-    """Write a training checkpoint (one safetensors file, atomically); see the module docstring for its layout."""
+    """Write a training checkpoint (one safetensors file, atomically); see the module docstring for its layout.
+
+    ``tuner`` is the :class:`PrefixTuner` of a prefix-tuning run, or the model of a fine-tuning run (its
+    ``named_parameters()`` are saved, tied weights once).
+    """
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, value in tuner.state_dict().items():
-        tensors[f"tuner/{name}"] = value.detach().contiguous().cpu()
+    if isinstance(tuner, PrefixTuner):
+        kind, spec, tuner_config = "prefix", tuner.spec, tuner.config()
+        for name, value in tuner.state_dict().items():
+            tensors[f"tuner/{name}"] = value.detach().contiguous().cpu()
+    else:
+        kind, spec, tuner_config = "finetune", ModelSpec.from_config(tuner.config), None
+        for name, value in tuner.named_parameters():
+            tensors[f"model/{name}"] = value.detach().contiguous().cpu()
 
     optimizer_meta: dict[str, Any] = {"state": {}, "param_groups": []}
     if optimizer is not None:
@@ -139,8 +189,9 @@ def save_checkpoint(
     metadata = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "spec": tuner.spec.to_json(),
-        "tuner": json.dumps(tuner.config()),
+        "kind": kind,
+        "spec": spec.to_json(),
+        "tuner": json.dumps(tuner_config),
         "optimizer": json.dumps(optimizer_meta),
         "scheduler": json.dumps(scheduler_meta),
         "trainer": json.dumps(trainer or {}),
@@ -179,24 +230,38 @@ def load_checkpoint(path: str | os.PathLike) -> TrainCheckpoint:
     except Exception as err:
         raise CheckpointError(f"{str(path)!r} has a corrupt checkpoint header ({err})") from err
 
-    tuner_state, rng = {}, {}
+    kind = metadata.get("kind", "prefix")
+    if kind not in ("prefix", "finetune"):
+        raise CheckpointError(f"{str(path)!r} has an unknown checkpoint kind {kind!r}")
+    tuner_state, model_state, rng = {}, {}, {}
     optimizer_state: dict[str, Any] = {
         "state": {int(i): dict(s) for i, s in optimizer_meta["state"].items()},
         "param_groups": optimizer_meta["param_groups"],
     }
     for key, value in tensors.items():
-        kind, _, rest = key.partition("/")
-        if kind == "tuner":
+        part, _, rest = key.partition("/")
+        if part == "tuner":
             tuner_state[rest] = value
-        elif kind == "optimizer":
+        elif part == "model":
+            model_state[rest] = value
+        elif part == "optimizer":
             index, _, name = rest.partition("/")
             optimizer_state["state"].setdefault(int(index), {})[name] = value
-        elif kind == "rng":
+        elif part == "rng":
             rng[rest] = value
     if "cpu" not in rng:
         raise CheckpointError(f"{str(path)!r} is corrupt: it lacks the RNG state")
     return TrainCheckpoint(
-        path, spec, tuner_config, tuner_state, optimizer_state, scheduler_state, rng, trainer
+        path,
+        spec,
+        tuner_config,
+        tuner_state,
+        optimizer_state,
+        scheduler_state,
+        rng,
+        trainer,
+        kind=kind,
+        model_state=model_state if kind == "finetune" else None,
     )
 
 

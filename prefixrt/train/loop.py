@@ -1,5 +1,6 @@
 """The training loop: mixed-task batches, AdamW with linear warm-up and decay, per-task gradient clipping,
-periodic loss logging (CSV), a loss-curve plot (PNG), and checkpoints that resume bit for bit.
+periodic loss logging (CSV) with dev evaluation, a loss-curve plot (PNG), checkpoints that resume bit for bit,
+and several processes (``torchrun``) that take the steps of one.
 
 Each step draws one batch from the shuffled union of all tasks' rows (every row carries its task's prefix id),
 runs the attached frozen model, and back-propagates the mean cross-entropy over the batch's target tokens (source
@@ -7,6 +8,11 @@ tokens are labelled ``-100``). Each row reaches only its own task's prefix; on t
 the batch gets no optimizer update at all (its gradients are set to None, so AdamW's momentum does not move it)
 and gradients are clipped per task, so one task's large gradient does not shrink another's step. With one task
 this is exactly the usual single-prefix training.
+
+The same loop (:func:`run_training`) runs the fine-tuning baseline (:func:`prefixrt.train.finetune`): the whole
+model is trained instead of the prefixes, with the same batches, schedule and budget. With several processes
+(:mod:`prefixrt.train.distributed`) each takes a slice of every global batch, the trained parameters' gradients
+are summed with ``all_reduce``, and the normalization and the per-task update rule come from the global batch.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import hashlib
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ from torch import nn
 from prefixrt.fileio import atomic_write, atomic_write_text
 from prefixrt.tasks import Collator, Encoded, MixedTaskBatchSampler, MixedTaskDataset, layout_for
 from prefixrt.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prefixrt.train.distributed import Dist, all_reduce_grads
 from prefixrt.train.tuner import PrefixTuner
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "TrainResult",
     "linear_warmup_schedule",
     "lm_loss",
+    "plot_losses",
+    "run_training",
     "set_gradient_checkpointing",
     "train",
 ]
@@ -65,7 +74,8 @@ class TrainConfig:
     lr : float
         Peak learning rate of AdamW.
     batch_size : int
-        Rows per batch (all tasks mixed).
+        Rows per batch (all tasks mixed); with several processes, the global batch (each process runs
+        ``batch_size / world_size`` rows).
     epochs : int
         Passes over the union of the tasks' rows (ignored when ``max_steps`` is set).
     max_steps : int, optional
@@ -124,10 +134,13 @@ class TrainResult:
     total_steps : int
         Steps the schedule was planned for.
     log : list of dict
-        The loss log rows (``step``, ``epoch``, ``lr``, ``loss`` and one loss per task), resumed rows included.
+        The loss log rows (``step``, ``epoch``, ``lr``, ``loss`` and one loss per task, plus ``dev_loss``,
+        ``dev_loss/<task>`` and eval-hook values on evaluation rows), resumed rows included.
     checkpoint : Path or None
         The last checkpoint written.
     log_path, plot_path : Path or None
+    trainable_parameters : int
+        Number of trained parameters (the tuner's, or the whole model's when fine-tuning).
     """
 
     step: int
@@ -136,10 +149,18 @@ class TrainResult:
     checkpoint: Path | None = None
     log_path: Path | None = None
     plot_path: Path | None = None
+    trainable_parameters: int = 0
 
     @property
     def final_loss(self) -> float:
-        return self.log[-1]["loss"] if self.log else math.nan
+        """The last logged training loss."""
+        losses = [r["loss"] for r in self.log if not math.isnan(r.get("loss", math.nan))]
+        return losses[-1] if losses else math.nan
+
+    @property
+    def dev(self) -> list[dict[str, float]]:
+        """The evaluation rows (those with ``dev_loss`` or eval-hook values), first to last."""
+        return [r for r in self.log if any(k.startswith("dev_") for k in r)]
 
 
 def linear_warmup_schedule(
@@ -181,7 +202,7 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> bool:
 def lm_loss(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
-    prefix_ids: torch.Tensor,
+    prefix_ids: torch.Tensor | None,
     reduction: str = "mean",
     **model_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,7 +214,8 @@ def lm_loss(
     batch : dict
         ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` ([B, T] causal, aligned with the inputs and
         ``-100`` on source and padding; [B, L] seq2seq decoder targets).
-    prefix_ids : LongTensor [B]
+    prefix_ids : LongTensor [B] or None
+        The rows' prefix ids on an attached model; None for a plain (e.g. fine-tuned) model.
     reduction : ``"mean"`` or ``"sum"``
         Mean over the batch's target tokens, or their sum.
     **model_kwargs
@@ -211,11 +233,9 @@ def lm_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     labels = batch["labels"]
-    kwargs: dict[str, Any] = {
-        "attention_mask": batch["attention_mask"],
-        "prefix_ids": prefix_ids,
-        **model_kwargs,
-    }
+    kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"], **model_kwargs}
+    if prefix_ids is not None:
+        kwargs["prefix_ids"] = prefix_ids
     # The base model, then the LM head at target positions only: the [B, T, vocab] logits of every position
     # (most of them source or padding) are never built.
     base = model.base_model
@@ -257,8 +277,19 @@ def _data_fingerprint(data: Mapping[str, Sequence[Encoded]]) -> str:
     return h.hexdigest()[:16]
 
 
+def _target_tokens(labels: torch.Tensor, layout: str) -> torch.Tensor:
+    """Target tokens per row, ``[B]``: what :func:`lm_loss` averages over (causal labels are shifted by one)."""
+    targets = labels[:, 1:] if layout == "causal" else labels
+    return (targets != -100).sum(dim=1)
+
+
 class _LossLog:
-    """The CSV loss log: one row per ``log_every`` steps, rewritten atomically (small file)."""
+    """The CSV loss log: one row per ``log_every`` steps, rewritten atomically (small file).
+
+    Training rows carry ``loss`` and ``loss/<task>`` (each averages the target tokens of the steps since the
+    last row); dev evaluations add ``dev_loss``, ``dev_loss/<task>`` and whatever an eval hook returns, to the
+    row of their step (a row of its own when no training row has that step, e.g. step 0).
+    """
 
     def __init__(self, path: Path | None, tasks: list[str]):
         self.path, self.tasks = path, tasks
@@ -289,16 +320,27 @@ class _LossLog:
         if self.path is None or not self.path.is_file():
             return
         with self.path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
+            reader = csv.DictReader(fh)
+            self.columns.extend(c for c in reader.fieldnames or () if c not in self.columns)
+            for row in reader:
                 if int(row["step"]) <= step:
                     self.rows.append({k: float(v) if v != "" else math.nan for k, v in row.items()})
 
+    def add_totals(self, task_sum: Mapping[str, float], task_tokens: Mapping[str, int]) -> None:
+        """Add one step's summed cross-entropy and target tokens per task."""
+        for task in self.tasks:
+            self.loss_sum += task_sum[task]
+            self.tokens += task_tokens[task]
+            self.task_sum[task] += task_sum[task]
+            self.task_tokens[task] += task_tokens[task]
+
     def add(self, tasks: list[str], row_loss: torch.Tensor, row_tokens: torch.Tensor) -> None:
+        """Add one step's per-row summed cross-entropy and target tokens."""
+        task_sum, task_tokens = dict.fromkeys(self.tasks, 0.0), dict.fromkeys(self.tasks, 0)
         for task, loss, tokens in zip(tasks, row_loss.tolist(), row_tokens.tolist(), strict=True):
-            self.loss_sum += loss
-            self.tokens += tokens
-            self.task_sum[task] += loss
-            self.task_tokens[task] += tokens
+            task_sum[task] += loss
+            task_tokens[task] += tokens
+        self.add_totals(task_sum, task_tokens)
 
     def flush(self, step: int, epoch: float, lr: float) -> dict[str, float] | None:
         if self.tokens == 0:
@@ -311,19 +353,38 @@ class _LossLog:
         self.write()
         return row
 
+    def record(self, step: int, epoch: float, values: Mapping[str, float]) -> dict[str, float]:
+        """Add ``values`` (dev metrics) to the row of ``step``, or to a new row."""
+        if self.rows and self.rows[-1]["step"] == step:
+            row = self.rows[-1]
+        else:
+            row = {"step": step, "epoch": epoch}
+            self.rows.append(row)
+        for key, value in values.items():
+            if key not in self.columns:
+                self.columns.append(key)
+            row[key] = float(value)
+        self.write()
+        return row
+
     def write(self) -> None:
         if self.path is None:
             return
         lines = [",".join(self.columns)]
         for row in self.rows:
-            lines.append(
-                ",".join("" if math.isnan(row.get(c, math.nan)) else repr(row[c]) for c in self.columns)
-            )
+            values = (row.get(c, math.nan) for c in self.columns)
+            lines.append(",".join("" if math.isnan(v) else repr(v) for v in values))
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
 
-def plot_losses(rows: Sequence[Mapping[str, float]], tasks: Sequence[str], path: str | os.PathLike) -> bool:
-    """Write the loss curve (all tasks, and each task) as a PNG; False when matplotlib is not installed."""
+def plot_losses(
+    rows: Sequence[Mapping[str, float]],
+    tasks: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "prefix-tuning loss",
+) -> bool:
+    """Write the loss curve (all tasks, each task, and the dev loss when logged) as a PNG; False when matplotlib
+    is not installed."""
     try:
         import matplotlib
 
@@ -331,21 +392,94 @@ def plot_losses(rows: Sequence[Mapping[str, float]], tasks: Sequence[str], path:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    steps = [r["step"] for r in rows]
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        points = [(r["step"], r[key]) for r in rows if not math.isnan(r.get(key, math.nan))]
+        return [s for s, _ in points], [v for _, v in points]
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], label="all tasks", linewidth=2)
+    ax.plot(*series("loss"), label="train (all tasks)", linewidth=2)
     if len(tasks) > 1:
         for t in tasks:
-            ax.plot(steps, [r.get(f"loss/{t}", math.nan) for r in rows], label=t, linewidth=1)
+            ax.plot(*series(f"loss/{t}"), label=f"train {t}", linewidth=1)
+    steps, dev = series("dev_loss")
+    if dev:
+        ax.plot(steps, dev, "o--", label="dev (all tasks)", linewidth=2)
+        if len(tasks) > 1:
+            for t in tasks:
+                ax.plot(*series(f"dev_loss/{t}"), "x:", label=f"dev {t}", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (target tokens)")
-    ax.set_title("prefix-tuning loss")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return True
+
+
+class _PrefixTarget:
+    """What a prefix-tuning run trains: the tuner's parameters, one update group per task.
+
+    The other target is :class:`prefixrt.train.finetune._ModelTarget` (the whole model, one group). The loop
+    asks a target for its parameters and groups, the collator's prefix ids, and how to enter and leave a run.
+    """
+
+    kind = "prefix"
+    title = "prefix-tuning"
+
+    def __init__(self, tuner: PrefixTuner):
+        self.tuner = tuner
+        self.module = tuner
+        self._attached_here = False
+
+    def check(self, model: nn.Module, data: Mapping[str, Sequence[Encoded]]) -> None:
+        from prefixrt.hf import binding_of, is_attached
+
+        unknown = sorted(set(data) - set(self.tuner.names))
+        if unknown:
+            raise ValueError(f"data has tasks {unknown} that the tuner does not train ({self.tuner.names})")
+        if is_attached(model) and binding_of(model).bank is not self.tuner:
+            raise ValueError("the model is attached to another prefix source; detach it first")
+
+    @property
+    def device(self) -> torch.device:
+        return self.tuner.device
+
+    def task_ids(self, tasks: Sequence[str]) -> dict[str, int]:
+        return {t: self.tuner.id_of(t) for t in tasks}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.tuner.parameters())
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        """Update groups: a group whose task has no rows in the global batch gets no update."""
+        return {t: self.tuner.task_parameters(t) for t in self.tuner.names}
+
+    def updates(self, group: str, present: set[str]) -> bool:
+        """Whether a group gets this step's update: its task has rows in the global batch."""
+        return group in present
+
+    def enter(self, model: nn.Module) -> None:
+        from prefixrt.hf import is_attached
+
+        model.requires_grad_(False)
+        self._attached_here = not is_attached(model)
+        if self._attached_here:
+            self.tuner.attach(model)
+
+    def exit(self, model: nn.Module) -> None:
+        if self._attached_here:
+            self.tuner.detach(model)
+            self._attached_here = False
+
+    def train(self, mode: bool = True) -> None:
+        self.tuner.train(mode)
+
+    def prefix_ids(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """What the model gets as ``prefix_ids`` for rows of these collator ids."""
+        return task_ids
 
 
 def train(
@@ -361,6 +495,10 @@ def train(
     plot_path: str | os.PathLike | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    dev_data: Mapping[str, Sequence[Encoded]] | None = None,
+    eval_every: int | None = None,
+    eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train ``tuner``'s prefixes on ``data`` through the frozen ``model``.
 
@@ -376,6 +514,8 @@ def train(
     pad_token_id : int
         Input padding id (:func:`prefixrt.tasks.pad_token_id_for`).
     config : TrainConfig
+        ``batch_size`` is the *global* batch: with ``world_size`` processes each runs ``batch_size /
+        world_size`` rows per step (it must divide).
     checkpoint_dir : path, optional
         Where ``checkpoint.safetensors`` is written (every ``save_every`` steps and at the end).
     resume : bool
@@ -388,48 +528,118 @@ def train(
     stop_after : int, optional
         Stop (and checkpoint) once this many steps are done in total, without changing the schedule: the way to
         split one planned run into several sessions.
+    dev_data : mapping task -> sequence of Encoded, optional
+        Dev rows (tasks of the tuner). Their loss (``dev_loss``, ``dev_loss/<task>``: mean cross-entropy over
+        target tokens, in eval mode) is logged before the first step, every ``eval_every`` steps and at the end.
+    eval_every : int, optional
+        Steps between dev evaluations (default: only at the start and the end).
+    eval_hook : callable ``(model, step) -> {name: value}``, optional
+        Called at every dev evaluation with the attached model in eval mode (on rank 0 only): e.g. dev BLEU from
+        a few generations. Its values join the log row. It must not change the parameters.
+    dist : Dist, optional
+        The process group (default :meth:`Dist.current`): with several processes the data are sharded with
+        :class:`~prefixrt.tasks.MixedTaskBatchSampler`, the prefix gradients are summed with ``all_reduce``, and
+        the loss normalization and the tasks that get an update are decided from the global batch, so the run
+        matches one process on the whole batch (up to summation order; dropout masks differ). Only rank 0
+        writes files and shows progress.
 
     Returns
     -------
     TrainResult
     """
-    from prefixrt.hf import binding_of, is_attached
+    return run_training(
+        _PrefixTarget(tuner),
+        model,
+        data,
+        pad_token_id=pad_token_id,
+        config=config,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        log_path=log_path,
+        plot_path=plot_path,
+        progress=progress,
+        stop_after=stop_after,
+        dev_data=dev_data,
+        eval_every=eval_every,
+        eval_hook=eval_hook,
+        dist=dist,
+    )
 
+
+def run_training(
+    target: Any,
+    model: nn.Module,
+    data: Mapping[str, Sequence[Encoded]],
+    *,
+    pad_token_id: int,
+    config: TrainConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    dev_data: Mapping[str, Sequence[Encoded]] | None = None,
+    eval_every: int | None = None,
+    eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+    dist: Dist | None = None,
+) -> TrainResult:
+    """The loop behind :func:`train` and :func:`prefixrt.train.finetune`; ``target`` says what is trained."""
     config = config or TrainConfig()
-    unknown = sorted(set(data) - set(tuner.names))
-    if unknown:
-        raise ValueError(f"data has tasks {unknown} that the tuner does not train ({tuner.names})")
+    dist = dist or Dist.current()
+    target.check(model, data)
     empty = sorted(name for name, rows in data.items() if not rows)
     if not data or empty:
         raise ValueError(f"every task needs training rows; empty: {empty or 'no tasks given'}")
-    if is_attached(model) and binding_of(model).bank is not tuner:
-        raise ValueError("the model is attached to another prefix source; detach it first")
-    model.requires_grad_(False)
+    if dev_data is not None:
+        unknown = sorted(set(dev_data) - set(data))
+        if unknown:
+            raise ValueError(f"dev_data has tasks {unknown} without training data ({list(data)})")
+        dev_data = {t: rows for t, rows in dev_data.items() if rows}
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if config.batch_size % dist.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} (the global batch) must be a multiple of the number of processes "
+            f"({dist.world_size})"
+        )
 
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_dir")
     task_names = list(data)
+    layout = layout_for(model)
     dataset = MixedTaskDataset(data)
-    sampler = MixedTaskBatchSampler(len(dataset), config.batch_size, shuffle=True, seed=config.seed)
-    collate = Collator(
-        pad_token_id, layout=layout_for(model), task_ids={t: tuner.id_of(t) for t in task_names}
+    num_rows = len(dataset)
+    # Each process takes an interleaved slice of the same global batch; the sampler repeats up to world_size - 1
+    # rows at the end of an epoch to even the slices out, and those repeats are dropped below (global position
+    # >= num_rows), so every epoch is exactly the one-process epoch.
+    sampler = MixedTaskBatchSampler(
+        num_rows,
+        config.batch_size // dist.world_size,
+        shuffle=True,
+        seed=config.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
+    collate = Collator(pad_token_id, layout=layout, task_ids=target.task_ids(task_names))
     steps_per_epoch = len(sampler)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     fingerprint = _data_fingerprint(data)
+    device = target.device
 
+    params = target.parameters()
     optimizer = torch.optim.AdamW(
-        tuner.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
     scheduler = linear_warmup_schedule(optimizer, config.warmup_steps, total_steps)
-    log = _LossLog(Path(log_path) if log_path is not None else None, task_names)
+    log = _LossLog(Path(log_path) if log_path is not None and dist.is_main else None, task_names)
 
     step = 0
     if resume and checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
         _check_resumable(checkpoint, config, fingerprint, total_steps)
-        checkpoint.restore(tuner, optimizer, scheduler)
+        checkpoint.restore(target.module, optimizer, scheduler)
         step = int(checkpoint.trainer["step"])
         log.resume(step, checkpoint.trainer.get("log_window"))
     else:
@@ -446,52 +656,104 @@ def train(
         }
 
     def save() -> None:
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, tuner, optimizer, scheduler, trainer_state())
+        if checkpoint_path is not None and dist.is_main:
+            save_checkpoint(checkpoint_path, target.module, optimizer, scheduler, trainer_state())
 
-    task_params = {t: tuner.task_parameters(t) for t in tuner.names}
+    groups = target.groups()
+    task_index = {t: i for i, t in enumerate(task_names)}
+    dev = None
+    if dev_data:
+        dev = _DevSet(dev_data, collate, task_names, config.batch_size, layout, dist)
+
+    def evaluate() -> None:
+        metrics: dict[str, float] = {}
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # evaluation never moves the RNG
+            model.eval()
+            target.train(False)
+            try:
+                if dev is not None:
+                    metrics.update(dev.loss(model, target))
+                if eval_hook is not None and dist.is_main:
+                    metrics.update(eval_hook(model, step))
+            finally:
+                model.train()
+                target.train(True)
+        if metrics:
+            row = log.record(step, step / steps_per_epoch, metrics)
+            if bar is not None and "dev_loss" in row:
+                bar.write(f"step {step}: dev loss {row['dev_loss']:.4f}")
+
+    evaluating = dev is not None or eval_hook is not None
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     bar = None
-    if progress:
+    if progress and dist.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="prefix-tuning", unit="step", file=sys.stderr)
-    attached_here = not is_attached(model)
-    if attached_here:
-        tuner.attach(model)
+        bar = tqdm(total=total_steps, initial=step, desc=target.title, unit="step", file=sys.stderr)
+    target.enter(model)
     checkpointing_was = None
     if config.gradient_checkpointing:
         checkpointing_was = set_gradient_checkpointing(model, True)
     model.train()
-    tuner.train()
+    target.train(True)
     try:
+        if evaluating and step == 0 and end > 0:
+            evaluate()
         while step < end:
             epoch, position = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch)
-            for indices in list(sampler)[position:]:
-                batch = collate([dataset[i] for i in indices])
-                prefix_ids = batch["task_ids"].to(tuner.device)
-                tensors = {k: batch[k].to(tuner.device) for k in ("input_ids", "attention_mask", "labels")}
-                loss, row_loss, row_tokens = lm_loss(model, tensors, prefix_ids)
-                loss.backward()
-                present = set(batch["tasks"])
-                for task, params in task_params.items():
-                    if task not in present:
-                        for p in params:
+            for index, indices in enumerate(list(sampler)[position:], start=position):
+                if dist.enabled:  # drop the rows the sampler repeats to even out the last global batch
+                    first = index * config.batch_size + dist.rank
+                    indices = [i for j, i in enumerate(indices) if first + dist.world_size * j < num_rows]
+                batch = collate([dataset[i] for i in indices]) if indices else None
+                # -- what the global batch holds: rows per task and target tokens (one all_reduce) --
+                counts = torch.zeros(len(task_names) + 1, dtype=torch.float64, device=device)
+                if batch is not None:
+                    tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+                    tokens = _target_tokens(tensors["labels"], layout)
+                    for task in batch["tasks"]:
+                        counts[task_index[task]] += 1
+                    counts[-1] = float(tokens.sum())
+                dist.all_reduce_(counts)
+                present = {t for t in task_names if counts[task_index[t]] > 0}
+                global_tokens = max(int(counts[-1]), 1)
+                # -- forward / backward on the local shard; the loss is the global batch's token mean --
+                stats = torch.zeros(2, len(task_names), dtype=torch.float64, device=device)
+                if batch is not None:
+                    prefix_ids = target.prefix_ids(batch["task_ids"].to(device))
+                    loss_sum, row_loss, row_tokens = lm_loss(model, tensors, prefix_ids, reduction="sum")
+                    (loss_sum / global_tokens).backward()
+                    rows = torch.tensor([task_index[t] for t in batch["tasks"]], device=device)
+                    stats[0].index_add_(0, rows, row_loss.to(stats.dtype))
+                    stats[1].index_add_(0, rows, row_tokens.to(stats.dtype))
+                all_reduce_grads(params, dist)
+                # -- per-group update rule, decided from the global batch --
+                for group, group_params in groups.items():
+                    if not target.updates(group, present):
+                        for p in group_params:
                             p.grad = None
                     elif config.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(group_params, config.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                log.add(batch["tasks"], row_loss, row_tokens)
+                dist.all_reduce_(stats)
+                sums, toks = stats.tolist()
+                log.add_totals(
+                    {t: sums[i] for t, i in task_index.items()},
+                    {t: int(toks[i]) for t, i in task_index.items()},
+                )
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{sum(sums) / max(sum(toks), 1):.4f}")
                 if step % config.log_every == 0 or step == total_steps:
                     log.flush(step, step / steps_per_epoch, lr)
+                if evaluating and ((eval_every and step % eval_every == 0) or step == total_steps):
+                    evaluate()
                 if config.save_every and step % config.save_every == 0 and step < end:
                     save()
                 if step >= end:
@@ -501,15 +763,55 @@ def train(
         if bar is not None:
             bar.close()
         model.eval()
-        tuner.eval()
+        target.train(False)
         if checkpointing_was is False:
             set_gradient_checkpointing(model, False)
-        if attached_here:
-            tuner.detach(model)
-    result = TrainResult(step, total_steps, list(log.rows), checkpoint_path, log.path)
-    if plot_path is not None and log.rows and plot_losses(log.rows, task_names, plot_path):
-        result.plot_path = Path(plot_path)
+        target.exit(model)
+    dist.barrier()  # rank 0's checkpoint is complete before any process goes on
+    result = TrainResult(
+        step,
+        total_steps,
+        list(log.rows),
+        checkpoint_path,
+        log.path,
+        trainable_parameters=sum(p.numel() for p in params),
+    )
+    if plot_path is not None and dist.is_main and log.rows:
+        if plot_losses(log.rows, task_names, plot_path, title=f"{target.title} loss"):
+            result.plot_path = Path(plot_path)
     return result
+
+
+class _DevSet:
+    """Dev rows in fixed batches, sharded over processes; :meth:`loss` gives the mean target cross-entropy."""
+
+    def __init__(self, data, collate, task_names, batch_size, layout, dist):
+        self.dataset = MixedTaskDataset(data)
+        self.collate, self.tasks, self.dist = collate, task_names, dist
+        # Sorted by length: less padding. Batch k goes to process k % world_size.
+        order = sorted(range(len(self.dataset)), key=lambda i: len(self.dataset[i].input_ids))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.batches = batches[dist.rank :: dist.world_size]
+
+    def loss(self, model: nn.Module, target: Any) -> dict[str, float]:
+        device = target.device
+        index = {t: i for i, t in enumerate(self.tasks)}
+        stats = torch.zeros(2, len(self.tasks), dtype=torch.float64, device=device)
+        for indices in self.batches:
+            batch = self.collate([self.dataset[i] for i in indices])
+            tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            prefix_ids = target.prefix_ids(batch["task_ids"].to(device))
+            _, row_loss, row_tokens = lm_loss(model, tensors, prefix_ids, reduction="sum")
+            rows = torch.tensor([index[t] for t in batch["tasks"]], device=device)
+            stats[0].index_add_(0, rows, row_loss.to(stats.dtype))
+            stats[1].index_add_(0, rows, row_tokens.to(stats.dtype))
+        self.dist.all_reduce_(stats)
+        sums, toks = stats.tolist()
+        out = {"dev_loss": sum(sums) / max(sum(toks), 1)}
+        for t, i in index.items():
+            if toks[i]:
+                out[f"dev_loss/{t}"] = sums[i] / toks[i]
+        return out
 
 
 def _check_resumable(checkpoint, config: TrainConfig, fingerprint: str, total_steps: int) -> None:
