@@ -254,6 +254,56 @@ def versions() -> dict:
     }
 
 
+# (rows, heads, q_len, k_len, head_dim, prefix_len, entries, causal): small to large, decode to long prefill
+SWEEP = [
+    (1, 1, 1, 1, 64, 0, 1, True),
+    (1, 2, 4, 4, 16, 1, 1, True),
+    (4, 12, 1, 10, 64, 10, 1, True),
+    (2, 12, 16, 16, 64, 10, 1, True),
+    (1, 12, 512, 512, 64, 0, 1, True),
+    (64, 12, 1, 512, 64, 200, 8, True),
+    (8, 12, 32, 300, 64, 200, 4, False),
+    (4, 16, 128, 128, 128, 50, 4, True),
+]
+
+
+def _time_backend(args: tuple, causal: bool, backend: str, min_time: float) -> tuple[float, float]:
+    """Median ms of one forward (no grad) and of forward + backward through the public op."""
+
+    def forward():
+        with torch.no_grad():
+            ops.prefix_attention(*args, causal=causal, backend=backend)
+
+    def train():
+        leaves = [t.detach().requires_grad_(True) for t in args[:5]]
+        ops.prefix_attention(*leaves, *args[5:], causal=causal, backend=backend)[0].sum().backward()
+
+    return timeit(forward, min_time=min_time)["median_ms"], timeit(train, min_time=min_time)["median_ms"]
+
+
+def sweep(min_time: float) -> list[dict]:
+    """cpp vs reference from tiny to large calls, forward and forward+backward (what "auto" ranks on)."""
+    rows = []
+    for b, h, tq, tk, d, p, n, causal in SWEEP:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, h, t, d, generator=g) for t in (tq, tk, tk))
+        bank_k, bank_v = torch.randn(h, n * p, d, generator=g), torch.randn(h, n * p, d, generator=g)
+        args = (q, k, v, bank_k, bank_v, torch.arange(b) % n, torch.arange(n + 1) * p)
+        row = dict(
+            shape=dict(
+                rows=b, heads=h, q_len=tq, k_len=tk, head_dim=d, prefix_len=p, entries=n, causal=causal
+            )
+        )
+        for backend in ("cpp", "reference"):
+            row[f"{backend}_fwd_ms"], row[f"{backend}_fwd_bwd_ms"] = _time_backend(
+                args, causal, backend, min_time
+            )
+        row["speedup_fwd"] = row["reference_fwd_ms"] / row["cpp_fwd_ms"]
+        row["speedup_fwd_bwd"] = row["reference_fwd_bwd_ms"] / row["cpp_fwd_bwd_ms"]
+        rows.append(row)
+    return rows
+
+
 def run_all(quick: bool = False) -> dict:
     rates = machine_rates()
     rows = []
@@ -294,6 +344,7 @@ def run_all(quick: bool = False) -> dict:
         "bytes": "decode GB/s = (distinct prefixes' K/V once + each row's K/V + q + out) / median time",
         "flops": "GFLOP/s = 4*D per visible (query, key) pair and head / median time; backward counts 2.5x",
         "results": rows,
+        "sweep": sweep(min_time),
     }
 
 
@@ -309,6 +360,13 @@ def print_table(report: dict) -> None:
     for r in report["results"]:
         print(f"{r['case']:17} {r['dtype']:9} {r['method']:13} {r['median_ms']:10.3f} {r['min_ms']:8.3f} "
               f"{r['speedup_vs_reference']:6.1f}x {r['GBps']:7.2f} {r['GFLOPs']:8.1f}")  # fmt: skip
+    print(
+        "sweep (rows, heads, Tq, Tk, D, P, entries, causal): forward ms cpp / ref, forward+backward ms cpp / ref"
+    )
+    for r in report["sweep"]:
+        print(f"{str(tuple(r['shape'].values())):42} fwd {r['cpp_fwd_ms']:8.3f} / {r['reference_fwd_ms']:8.3f} "
+              f"({r['speedup_fwd']:4.1f}x)  fwd+bwd {r['cpp_fwd_bwd_ms']:8.3f} / {r['reference_fwd_bwd_ms']:8.3f} "
+              f"({r['speedup_fwd_bwd']:4.1f}x)")  # fmt: skip
 
 
 def plot(report: dict, path: Path) -> None:

@@ -1,0 +1,129 @@
+"""End to end on the CPU: greedy generation with GPT-2 small attached with ``backend="cpp"`` vs ``"reference"``.
+
+GPT-2 small shapes (12 layers, 12 heads, 768 wide) with random weights (nothing downloaded), fp32, 32 rows over 8
+prefixes of 200 tokens, 64-token prompts, ``model.generate`` through ``prefixrt.attach``. Per backend it times
+prefill (``max_new_tokens=1``) and the full generation; decode time per step = (full - prefill) / (new - 1).
+Both backends must produce the same tokens.
+
+* ``python -m pytest benchmarks/bench_cpp_generate.py --benchmark-only``: a short case per backend;
+* ``python benchmarks/bench_cpp_generate.py``: the table, written to ``benchmarks/results/cpu_generate.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import prefixrt
+
+ROWS, PREFIXES, PREFIX_LEN, PROMPT, NEW_TOKENS = 32, 8, 200, 64, 16
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def setup(layers: int = 12):
+    """GPT-2 small with random weights, a bank of PREFIXES random prefixes, prompts and interleaved ids."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, pad_token_id=0)).eval().requires_grad_(False)
+    bank = prefixrt.PrefixBank.for_model(model)
+    g = torch.Generator().manual_seed(0)
+    for e in range(PREFIXES):
+        bank.add(f"task{e}", {site: 0.5 * torch.randn(s.num_layers, 2, s.num_heads, PREFIX_LEN, s.head_dim, generator=g)
+                              for site, s in bank.spec.sites.items()})  # fmt: skip
+    ids = torch.randint(1, model.config.vocab_size, (ROWS, PROMPT), generator=g)
+    prefix_ids = torch.arange(ROWS) % PREFIXES
+    return model, bank, ids, prefix_ids
+
+
+def generate(model, bank, ids, prefix_ids, backend: str, new_tokens: int) -> torch.Tensor:
+    prefixrt.attach(model, bank, backend=backend)
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), prefix_ids=prefix_ids,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)  # fmt: skip
+    finally:
+        prefixrt.detach(model)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.benchmark(group="cpu-generate-gpt2-2-layers")
+def test_generate(benchmark, backend):
+    model, bank, ids, prefix_ids = setup(layers=2)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    benchmark.pedantic(generate, args=(model, bank, ids, prefix_ids, backend, 4), rounds=3, warmup_rounds=1)
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main(argv=None) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_cpp_attention import cpu_name, versions
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_generate.json")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    model, bank, ids, prefix_ids = setup()
+    before = os.getloadavg()[0]
+    rows, tokens = [], {}
+    for backend in ("cpp", "reference"):
+        generate(model, bank, ids, prefix_ids, backend, 2)  # warm-up (and the C++ build)
+        prefill, _ = timed(lambda b=backend: generate(model, bank, ids, prefix_ids, b, 1), args.repeats)
+        full, tokens[backend] = timed(lambda b=backend: generate(model, bank, ids, prefix_ids, b, NEW_TOKENS),
+                                      args.repeats)  # fmt: skip
+        step = (full - prefill) / (NEW_TOKENS - 1)
+        rows.append(dict(backend=backend, prefill_s=prefill, generate_s=full, decode_step_ms=1e3 * step,
+                         tokens_per_s=ROWS * NEW_TOKENS / full))  # fmt: skip
+    assert torch.equal(tokens["cpp"], tokens["reference"]), "the backends generated different tokens"
+    ref = rows[1]
+    for row in rows:
+        row["speedup_generate"] = ref["generate_s"] / row["generate_s"]
+        row["speedup_decode_step"] = ref["decode_step_ms"] / row["decode_step_ms"]
+    report = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_before_after": [round(before, 2), round(os.getloadavg()[0], 2)],
+        "versions": versions(),
+        "workload": dict(
+            model="GPT-2 small shapes, random weights, fp32",
+            rows=ROWS,
+            prefixes=PREFIXES,
+            prefix_len=PREFIX_LEN,
+            prompt=PROMPT,
+            new_tokens=NEW_TOKENS,
+            greedy=True,
+        ),  # fmt: skip
+        "timing": f"wall clock, best of {args.repeats}; decode step = (generate - prefill) / (new_tokens - 1)",
+        "same_tokens": True,
+        "results": rows,
+    }
+    print(f"{report['cpu']}, {report['threads']} threads, load avg {report['loadavg_before_after']}")
+    print(
+        f"{'backend':10} {'prefill s':>10} {'generate s':>11} {'step ms':>8} {'tok/s':>7} {'x gen':>6} {'x step':>7}"
+    )
+    for r in rows:
+        print(f"{r['backend']:10} {r['prefill_s']:10.2f} {r['generate_s']:11.2f} {r['decode_step_ms']:8.1f} "
+              f"{r['tokens_per_s']:7.1f} {r['speedup_generate']:5.1f}x {r['speedup_decode_step']:6.1f}x")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
