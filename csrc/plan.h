@@ -103,4 +103,24 @@ inline int64_t choose_tile_rows(const int64_t* ids, int64_t B, int64_t Tq, int64
   return rows;
 }
 
+// Jobs per thread chunk for at::parallel_for: small calls run on the calling thread, since waking a
+// second thread costs more than a few microseconds of work (and a whole time slice when the other
+// core is busy). total_fma: multiply-adds of the whole call; below ~2^18 (about 10-20 us on one
+// core) nothing is split.
+inline int64_t parallel_grain(int64_t n_jobs, double total_fma) {
+  constexpr double kMinParallelFma = 1 << 18;
+  if (n_jobs <= 1 || total_fma <= 0) return 1;
+  const double per_job = total_fma / static_cast<double>(n_jobs);
+  return std::clamp<int64_t>(static_cast<int64_t>(kMinParallelFma / per_job) + 1, 1, n_jobs);
+}
+
+// Multiply-adds of a call: every (query, key) pair of every head costs 2 D (scores and output).
+inline double attention_fma(const int64_t* ids, const int64_t* offsets, int64_t B, int64_t H,
+                            int64_t Tq, int64_t Tk, int64_t D) {
+  double keys = 0;
+  for (int64_t b = 0; b < B; ++b)
+    keys += static_cast<double>(Tk + (ids[b] >= 0 ? offsets[ids[b] + 1] - offsets[ids[b]] : 0));
+  return 2.0 * static_cast<double>(H * Tq * D) * keys;
+}
+
 }  // namespace prefixrt

@@ -36,7 +36,9 @@ void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const 
   const Plan plan = make_plan(a.ids, a.B, a.Tq, tile_rows);
   const int64_t n_jobs = static_cast<int64_t>(plan.tiles.size()) * a.H;
 
-  at::parallel_for(0, n_jobs, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain =
+      parallel_grain(n_jobs, attention_fma(a.ids, a.offsets, a.B, a.H, a.Tq, a.Tk, a.D));
+  at::parallel_for(0, n_jobs, grain, [&](int64_t begin, int64_t end) {
     Tile t(plan.max_rows, a.D);
     std::vector<int64_t> limit(plan.max_rows);
     for (int64_t job = begin; job < end; ++job) {
