@@ -80,7 +80,7 @@ def test_fallback_without_kernels(how, tmp_path):
     else:
         env.pop("PREFIXRT_NO_CPP", None)
         env["CXX"] = str(tmp_path / "no-such-compiler")
-        expected = "building the C++ kernels failed"
+        expected = "no C++ compiler"
     result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
