@@ -37,37 +37,43 @@ inline int64_t block_keys(int64_t n) {
 
 // Scratch of one thread for block products: transposed and widened operands, the additive key mask.
 struct BlockScratch {
-  std::vector<float> kt;    // [Dp, kMaxBlockKeys]
-  std::vector<float> kbuf;  // [kMaxBlockKeys, Dp]
-  std::vector<float> vbuf;  // [kMaxBlockKeys, Dp]
-  std::vector<float> mask;  // [kMaxBlockKeys]
-  explicit BlockScratch(int64_t Dp)
+  std::vector<float> kt;     // [Dp, kMaxBlockKeys]
+  std::vector<float> kbuf;   // [kMaxBlockKeys, Dp]
+  std::vector<float> vbuf;   // [kMaxBlockKeys, Dp]
+  std::vector<float> mask;   // [kMaxBlockKeys]
+  std::vector<int64_t> vis;  // [max_rows] visible keys of each row in the block
+  BlockScratch(int64_t Dp, int64_t max_rows)
       : kt(Dp * kMaxBlockKeys),
         kbuf(kMaxBlockKeys * Dp),
         vbuf(kMaxBlockKeys * Dp),
-        mask(kMaxBlockKeys) {}
+        mask(kMaxBlockKeys),
+        vis(max_rows) {}
 };
 
 // S[0:M, 0:nb] = Q[0:M, 0:Dp] . K[0:nb]^T (K given as fp32 rows). Columns nb:ncols are left
-// undefined.
+// undefined, and so may be columns >= vis[i] of row i when vis ([M], optional) is given.
 inline void block_products(const float* Q, int64_t ldq, int64_t M, RowsF32 K, int64_t nb,
-                           int64_t ncols, int64_t Dp, float* S, int64_t lds, float* kt) {
+                           int64_t ncols, int64_t Dp, float* S, int64_t lds, float* kt,
+                           const int64_t* vis = nullptr) {
   if (M <= kDotRows) {
     qk_dot(Q, ldq, M, K.ptr, K.ld, nb, Dp, S, lds);
   } else {
     transpose_f32(K.ptr, K.ld, nb, Dp, kt, kMaxBlockKeys);  // columns nb:ncols of kt are junk
-    qk_packed(Q, ldq, M, kt, kMaxBlockKeys, ncols, Dp, S, lds);
+    qk_packed(Q, ldq, M, kt, kMaxBlockKeys, ncols, Dp, S, lds, vis);
   }
 }
 
-// Sets S[i, j] = -inf where key j0 + j is not visible to row i: j >= nb (padding), j0 + j >=
-// limit[i] (causal; limit may be null) or key_mask[j0 + j] false (key_mask may be null).
+// vis[i] = how many leading keys of the block [j0, j0 + nb) row i may see before the key mask: nb,
+// or fewer for a causal row (limit[i]: row i sees keys < limit[i]; null = no causal limit).
+inline void visible_counts(int64_t M, int64_t nb, int64_t j0, const int64_t* limit, int64_t* vis) {
+  for (int64_t i = 0; i < M; ++i) vis[i] = limit ? std::clamp<int64_t>(limit[i] - j0, 0, nb) : nb;
+}
+
+// Sets S[i, j] = -inf where key j0 + j is not visible to row i: j >= vis[i] (padding columns and
+// causal tails) or key_mask[j0 + j] false (key_mask may be null).
 inline void apply_masks(float* S, int64_t lds, int64_t M, int64_t nb, int64_t ncols, int64_t j0,
-                        const int64_t* limit, const bool* key_mask, float* mask_buf) {
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t visible = limit ? std::clamp<int64_t>(limit[i] - j0, 0, nb) : nb;
-    std::fill(S + i * lds + visible, S + i * lds + ncols, kNegInf);
-  }
+                        const int64_t* vis, const bool* key_mask, float* mask_buf) {
+  for (int64_t i = 0; i < M; ++i) std::fill(S + i * lds + vis[i], S + i * lds + ncols, kNegInf);
   if (!key_mask) return;
   bool all_visible = true;
   for (int64_t j = 0; j < nb; ++j) {

@@ -12,6 +12,8 @@
 // O += P V is always an outer-product loop over keys (V rows are the vectorized operand).
 #pragma once
 
+#include <algorithm>
+
 #include "vec_utils.h"
 
 // Fully unrolled loops over the MR rows of a tile, so that the accumulators live in registers
@@ -129,11 +131,22 @@ inline void over_row_tiles(int64_t M, Args... args) {
   }
 }
 
+// Columns rows [i, i + MR) need: all `full` when vis is null, else the largest vis[r] (causal rows
+// see a prefix of the keys; a tile of rows above the diagonal skips the panels none of them sees).
+template <int MR>
+inline int64_t row_tile_extent(const int64_t* vis, int64_t i, int64_t full) {
+  if (!vis) return full;
+  int64_t extent = 0;
+  for (int r = 0; r < MR; ++r) extent = std::max(extent, vis[i + r]);
+  return std::min(extent, full);
+}
+
 template <int MR>
 struct QkRows {
   static void run(int64_t i, const float* Q, int64_t ldq, const float* Kt, int64_t ldkt,
-                  int64_t ncols, int64_t Dp, float* S, int64_t lds) {
-    for (int64_t j = 0; j < ncols; j += kPanel)
+                  int64_t ncols, int64_t Dp, float* S, int64_t lds, const int64_t* vis) {
+    const int64_t used = row_tile_extent<MR>(vis, i, ncols);
+    for (int64_t j = 0; j < used; j += kPanel)
       qk_tile<MR>(Q + i * ldq, ldq, Kt + j, ldkt, Dp, S + i * lds + j, lds);
   }
 };
@@ -144,7 +157,8 @@ template <int MR>
 struct PvRows {
   static constexpr int NV = MR == 1 ? 8 : (MR == 2 ? 4 : 2);
   static void run(int64_t i, const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n,
-                  int64_t Dp, float* O, int64_t ldo) {
+                  int64_t Dp, float* O, int64_t ldo, const int64_t* vis) {
+    n = row_tile_extent<MR>(vis, i, n);
     int64_t d = 0;
     for (; d + NV * kVec <= Dp; d += NV * kVec)
       pv_tile<MR, NV>(P + i * ldp, ldp, V + d, ldv, n, O + i * ldo + d, ldo);
@@ -154,15 +168,20 @@ struct PvRows {
 };
 
 // S[0:M, 0:ncols] = Q[0:M, 0:Dp] . Kt[0:Dp, 0:ncols]; ncols and Dp are multiples of kPanel.
+// vis (optional, [M]): row i only needs columns < vis[i]; columns past a tile's extent are not
+// written.
 inline void qk_packed(const float* Q, int64_t ldq, int64_t M, const float* Kt, int64_t ldkt,
-                      int64_t ncols, int64_t Dp, float* S, int64_t lds) {
-  over_row_tiles<QkRows>(M, Q, ldq, Kt, ldkt, ncols, Dp, S, lds);
+                      int64_t ncols, int64_t Dp, float* S, int64_t lds,
+                      const int64_t* vis = nullptr) {
+  over_row_tiles<QkRows>(M, Q, ldq, Kt, ldkt, ncols, Dp, S, lds, vis);
 }
 
 // O[0:M, 0:Dp] += P[0:M, 0:n] . V[0:n, 0:Dp]; Dp is a multiple of kPanel.
+// vis (optional, [M]): P[i, j] is zero for j >= vis[i] (those products are skipped tile by tile).
 inline void pv_accumulate(const float* P, int64_t ldp, int64_t M, const float* V, int64_t ldv,
-                          int64_t n, int64_t Dp, float* O, int64_t ldo) {
-  over_row_tiles<PvRows>(M, P, ldp, V, ldv, n, Dp, O, ldo);
+                          int64_t n, int64_t Dp, float* O, int64_t ldo,
+                          const int64_t* vis = nullptr) {
+  over_row_tiles<PvRows>(M, P, ldp, V, ldv, n, Dp, O, ldo, vis);
 }
 
 // S[0:M, 0:n] = Q[0:M, 0:Dp] . K[0:n, 0:Dp]^T with K row-major (row stride ldk), M <= kDotRows.

@@ -3,9 +3,11 @@
 // A tile holds up to `max_rows` query rows of one head: the scaled queries Q, the running max m,
 // the running sum l and the unnormalized output O. attend_segment() folds one key segment into all
 // or part of the tile (the bank prefix for every row of the tile, then each batch row's own keys
-// for its rows), block by block: S = Q K^T, mask, m_new = max(m, rowmax S), P = exp(S - m_new), l =
-// l * exp(m - m_new) + rowsum P, O = O * exp(m - m_new) + P V. finalize() writes O / l and lse = m
-// + log l (natural log), or 0 and -inf for a row that saw no key.
+// for its rows), block by block:
+//   S = Q K^T (masked),  m' = max(m, rowmax S),  P = exp(S - m'),
+//   l = l * exp(m - m') + rowsum P,  O = O * exp(m - m') + P V,  m = m'.
+// finalize() writes O / l and lse = m + log l (natural log), or 0 and -inf for a row that saw no
+// key.
 #pragma once
 
 #include <algorithm>
@@ -32,7 +34,7 @@ struct Tile {
         m(max_rows_),
         l(max_rows_),
         s(max_rows_ * kMaxBlockKeys),
-        blk(Dp) {}
+        blk(Dp, max_rows_) {}
 
   // Empty state for the first `rows` rows.
   void reset(int64_t rows) {
@@ -63,8 +65,7 @@ struct Tile {
   }
 };
 
-// Online-softmax update of rows [0, M) of S [M, ncols] (already masked): turns S into P and
-// rescales.
+// Online-softmax update of rows [0, M) of S [M, ncols] (masked): turns S into P, rescales l and O.
 inline void softmax_update(float* S, int64_t lds, int64_t M, int64_t ncols, float* m, float* l,
                            float* O, int64_t ldo, int64_t Dp) {
   for (int64_t i = 0; i < M; ++i) {
@@ -94,8 +95,7 @@ inline void softmax_update(float* S, int64_t lds, int64_t M, int64_t ncols, floa
   }
 }
 
-// Folds `seg` into tile rows [r0, r0 + M). limit[i] (or all n when null): row i sees keys j <
-// limit[i].
+// Folds `seg` into tile rows [r0, r0 + M). Row i sees keys j < limit[i] (all n when null).
 template <typename T>
 void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const int64_t* limit) {
   const int64_t Dp = t.Dp;
@@ -110,12 +110,14 @@ void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const
     const int64_t ncols = round_up(nb, kPanel);
     // -- S = Q K^T, masked
     const RowsF32 K = rows_f32(seg.k + j0 * seg.ldk, seg.ldk, nb, t.D, Dp, t.blk.kbuf.data());
-    block_products(Q, Dp, M, K, nb, ncols, Dp, S, kMaxBlockKeys, t.blk.kt.data());
-    apply_masks(S, kMaxBlockKeys, M, nb, ncols, j0, limit, seg.key_mask, t.blk.mask.data());
+    int64_t* vis = t.blk.vis.data();
+    visible_counts(M, nb, j0, limit, vis);
+    block_products(Q, Dp, M, K, nb, ncols, Dp, S, kMaxBlockKeys, t.blk.kt.data(), vis);
+    apply_masks(S, kMaxBlockKeys, M, nb, ncols, j0, vis, seg.key_mask, t.blk.mask.data());
     // -- online softmax, then O += P V
     softmax_update(S, kMaxBlockKeys, M, ncols, t.m.data() + r0, t.l.data() + r0, O, Dp, Dp);
     const RowsF32 V = rows_f32(seg.v + j0 * seg.ldv, seg.ldv, nb, t.D, Dp, t.blk.vbuf.data());
-    pv_accumulate(S, kMaxBlockKeys, M, V.ptr, V.ld, nb, Dp, O, Dp);
+    pv_accumulate(S, kMaxBlockKeys, M, V.ptr, V.ld, nb, Dp, O, Dp, vis);
   }
 }
 

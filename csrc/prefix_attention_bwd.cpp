@@ -79,7 +79,7 @@ struct BwdScratch {
         pt(kMaxBlockKeys * ldt),
         dst(kMaxBlockKeys * ldt),
         limit(kBwdRows),
-        blk(Dp_) {}
+        blk(Dp_, kBwdRows) {}
 };
 
 // Accumulates the gradients of one segment for rows [0, M) of the scratch: dQ into s.dq, dK/dV of
@@ -99,9 +99,11 @@ void backward_segment(BwdScratch& s, int64_t M, const Segment<T>& seg, const int
     // -- P = exp(S - lse) with S = Q K^T masked; dP = dO V^T
     float* P = s.p.data();
     float* dS = s.ds.data();
-    block_products(s.q.data(), Dp, M, K, nb, ncols, Dp, P, lds, s.blk.kt.data());
-    apply_masks(P, lds, M, nb, ncols, j0, limit, seg.key_mask, s.blk.mask.data());
-    block_products(s.dout.data(), Dp, M, V, nb, ncols, Dp, dS, lds, s.blk.kt.data());
+    int64_t* vis = s.blk.vis.data();
+    visible_counts(M, nb, j0, limit, vis);
+    block_products(s.q.data(), Dp, M, K, nb, ncols, Dp, P, lds, s.blk.kt.data(), vis);
+    apply_masks(P, lds, M, nb, ncols, j0, vis, seg.key_mask, s.blk.mask.data());
+    block_products(s.dout.data(), Dp, M, V, nb, ncols, Dp, dS, lds, s.blk.kt.data(), vis);
     for (int64_t i = 0; i < M; ++i) {
       float* p = P + i * lds;
       float* ds = dS + i * lds;
@@ -124,7 +126,7 @@ void backward_segment(BwdScratch& s, int64_t M, const Segment<T>& seg, const int
     transpose_f32(dS, lds, M, ncols, s.dst.data(), s.ldt);
     pv_accumulate(s.pt.data(), s.ldt, nb, s.dout.data(), Dp, M, Dp, dv_acc + j0 * Dp, Dp);
     pv_accumulate(s.dst.data(), s.ldt, nb, s.q.data(), Dp, M, Dp, dk_acc + j0 * Dp, Dp);
-    pv_accumulate(dS, lds, M, K.ptr, K.ld, nb, Dp, s.dq.data(), Dp);
+    pv_accumulate(dS, lds, M, K.ptr, K.ld, nb, Dp, s.dq.data(), Dp, vis);
   }
 }
 

@@ -24,8 +24,8 @@ struct FwdArgs {
   const int64_t* ids;
   const int64_t* offsets;
   const bool* key_padding_mask;  // [B, Tk] contiguous, or null
-  at::IntArrayRef qs, ks, vs, bks,
-      bvs;  // strides of q, k, v [B, H, T, D] and bank_k, bank_v [H, S, D]
+  // strides of q, k, v [B, H, T, D] and of bank_k, bank_v [H, S, D]
+  at::IntArrayRef qs, ks, vs, bks, bvs;
 };
 
 template <typename T>
