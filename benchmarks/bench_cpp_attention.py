@@ -12,8 +12,8 @@ Two ways to run it:
 * ``python -m pytest benchmarks/bench_cpp_attention.py --benchmark-only`` (pytest-benchmark);
 * ``python benchmarks/bench_cpp_attention.py``: times every case, measures this machine's memory copy / read
   bandwidth and matmul rate in the same run, prints a table and writes ``benchmarks/results/cpu_attention.json``
-  and ``cpu_attention.png`` (CPU, threads, versions, commit, date, load average: other jobs on a shared machine
-  show up there).
+  and ``cpu_attention.png`` / ``.md`` (CPU, threads, versions, commit, date, load average: other jobs on a shared
+  machine show up there).
 """
 
 from __future__ import annotations
@@ -369,6 +369,49 @@ def print_table(report: dict) -> None:
               f"({r['speedup_fwd_bwd']:4.1f}x)")  # fmt: skip
 
 
+def write_markdown(report: dict, path: Path) -> None:
+    """The tables of ``report`` as markdown (the JSON next to it has every number)."""
+    m, v = report["machine"], report["versions"]
+    lines = [
+        "# C++ CPU prefix attention: measured results",
+        "",
+        f"{report['cpu']}, {report['threads']} threads; torch {v['torch']}, Python {v['python']}, "
+        f"{' '.join(v['compiler'])}, SIMD {v['simd']}; commit {v['commit']}; {report['date']}; "
+        f"load average {report['loadavg_before_after'][0]} before, {report['loadavg_before_after'][1]} after "
+        "(a shared machine: other jobs ran meanwhile).",
+        "",
+        f"This machine in the same run: memory copy {m['copy_GBps']:.1f} GB/s (read + write), read "
+        f"{m['read_GBps']:.1f} GB/s; matmul fp32 {m['matmul_float32_GFLOPs']:.1f} GFLOP/s, bf16 "
+        f"{m['matmul_bfloat16_GFLOPs']:.2f} GFLOP/s (no bf16 FMA on this CPU).",
+        "",
+        f"Timing: {report['timing']}. {report['bytes']}. {report['flops']}.",
+        "",
+        "| case | dtype | method | median ms | min ms | vs reference | GB/s | % of read BW | GFLOP/s | % of matmul |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        bw = f"{r['GBps']:.2f} | {100 * r['GBps'] / m['read_GBps']:.0f}%" if r["GBps"] == r["GBps"] else "| "
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
+            f"{r['speedup_vs_reference']:.1f}x | {bw} | {r['GFLOPs']:.1f} | "
+            f"{100 * r['GFLOPs'] / m['matmul_float32_GFLOPs']:.0f}% |"
+        )
+    lines += [
+        "",
+        "Sweep, cpp vs reference through the public op (median ms; forward without grad, forward + backward):",
+        "",
+        "| rows, heads, Tq, Tk, D, P, entries, causal | cpp fwd | ref fwd | x | cpp fwd+bwd | ref fwd+bwd | x |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["sweep"]:
+        lines.append(
+            f"| {', '.join(str(x) for x in r['shape'].values())} | {r['cpp_fwd_ms']:.3f} | "
+            f"{r['reference_fwd_ms']:.3f} | {r['speedup_fwd']:.1f}x | {r['cpp_fwd_bwd_ms']:.3f} | "
+            f"{r['reference_fwd_bwd_ms']:.3f} | {r['speedup_fwd_bwd']:.1f}x |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -414,7 +457,8 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    write_markdown(report, args.out.with_suffix(".md"))
+    print(f"wrote {args.out} and its .png and .md", file=sys.stderr)
 
 
 if __name__ == "__main__":
