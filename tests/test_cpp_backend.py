@@ -1,6 +1,8 @@
 """The "cpp" backend in the registry: what "auto" picks, what it refuses and why, the fallback when the
 kernels cannot be built (one warning; ``backend="cpp"`` raises and says why), and a wheel that ships the sources."""
 
+import fnmatch
+import importlib.util
 import os
 import subprocess
 import sys
@@ -90,8 +92,22 @@ def test_fallback_without_kernels(how, tmp_path):
     assert expected in error and "cpp" in error
 
 
-def test_wheel_ships_the_sources(tmp_path):
-    """A non-editable install carries csrc/ as the package prefixrt._csrc."""
+def test_packaging_ships_the_sources(tmp_path, monkeypatch):
+    """A non-editable install carries csrc/ as the package prefixrt._csrc: setup.py declares it with every
+    source as package data, and a wheel built from the checkout holds them."""
+    setuptools = pytest.importorskip("setuptools")
+    from distutils.core import run_setup  # setuptools' copy of distutils (imported above)
+
+    sources = sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".h", ".cpp"))
+    monkeypatch.chdir(REPO)
+    dist = run_setup("setup.py", stop_after="init")
+    assert "prefixrt._csrc" in dist.packages and dist.package_dir["prefixrt._csrc"] == "csrc"
+    patterns = dist.package_data["prefixrt._csrc"]
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in sources)
+
+    has_bdist_wheel = importlib.util.find_spec("wheel") or int(setuptools.__version__.split(".")[0]) >= 71
+    if not has_bdist_wheel:
+        pytest.skip("no 'wheel' package to build a wheel without network access")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w",
          str(tmp_path)],
@@ -99,5 +115,5 @@ def test_wheel_ships_the_sources(tmp_path):
     )  # fmt: skip
     (wheel,) = tmp_path.glob("prefixrt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".h", ".cpp")):
+    for source in sources:
         assert f"prefixrt/_csrc/{source}" in names, source
