@@ -22,14 +22,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _attached(kind):
+def _attached(kind, backend="auto"):
     # Larger initial weights than HF's default so random models emit varied tokens (BART would repeat one).
     if kind == "gpt2":
         model = tiny_gpt2(seed=1, initializer_range=0.3)
     else:
         model = tiny_bart(seed=1, init_std=0.3)
     bank = random_bank(model, {"long": 11, "short": 3, "other": 6}, seed=2)
-    return prefixrt.attach(model, bank), bank
+    return prefixrt.attach(model, bank, backend=backend), bank
 
 
 @pytest.fixture(scope="module", params=["gpt2", "bart"])
@@ -129,6 +129,18 @@ def test_generation_config_object_and_model_defaults(attached):
     config = GenerationConfig(max_new_tokens=7, num_beams=2, pad_token_id=1, eos_token_id=None)
     ref, out = _both(model, ids, mask, pids, generation_config=config)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_reference_backend_equals_hf(kind):
+    """With the reference backend (which copies prefixes per row) the engine groups rows by prefix itself and
+    merges a prefix part with each row's own part: still HF's tokens."""
+    model, bank = _attached(kind, backend="reference")
+    ids, mask, pids = _inputs(bank)
+    eos = _frequent_token(model, ids, mask, pids)
+    for kwargs in (dict(max_new_tokens=10), dict(max_new_tokens=8, num_beams=3, num_return_sequences=2)):
+        ref, out = _both(model, ids, mask, pids, eos_token_id=eos, pad_token_id=1, **kwargs)
+        assert torch.equal(out, ref)
 
 
 def test_no_padding_and_all_minus_one_rows(attached):

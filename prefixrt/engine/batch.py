@@ -11,7 +11,10 @@ Two layouts
 * **fused** (one row per item: greedy, sampling, every Engine request): the row's store ``"gen"`` holds its
   prompt (GPT-2) or decoder-start token (BART) followed by its generated tokens, so self-attention is one
   ``prefix_attention`` call per layer over ``[bank prefix ; prompt ; generated]`` with the prefix read from the
-  bank by id inside the kernel (the C++ and Triton backends group rows by id and read each prefix once).
+  bank by id inside the kernel (the C++ and Triton backends group rows by id and read each prefix once). The
+  reference backend copies each row's prefix out of the bank instead; with it, the engine groups the rows by
+  prefix itself (a prefix part, then the row's own part, merged by log-sum-exp), so each prefix is still
+  gathered once per step, not once per row.
 * **shared** (several rows per item: beam search, ``num_return_sequences``): the prompt's K/V sit once per item
   in ``"ctx"`` and are shared by its rows; ``"gen"`` holds each row's generated tokens; self-attention merges a
   prefix part (rows grouped by id), a context part (rows grouped by item) and the row's own part
@@ -35,6 +38,16 @@ from prefixrt.engine.kv import KVStore
 from prefixrt.engine.plan import Grouping, PrefixGroups
 
 __all__ = ["Batch"]
+
+# Backends that copy each row's prefix out of the bank (the oracle); the others read it in place, grouped by id.
+GATHERING_BACKENDS = frozenset({"reference"})
+
+
+def _kernel_groups_prefixes(runner, backend: str) -> bool:
+    """Whether the backend that will serve decode calls reads prefixes in place (grouped by id)."""
+    query = torch.empty(1, runner.heads, 1, runner.head_dim, dtype=runner.dtype, device=runner.device)
+    call = ops.AttentionCall.of(query, query, True, 0.0, False)
+    return ops.select_backend(backend, call).name not in GATHERING_BACKENDS
 
 
 class Batch:
@@ -61,6 +74,7 @@ class Batch:
         if fused and rows != items:
             raise ValueError("the fused layout has one row per item")
         self.runner, self.backend, self.fused = runner, backend, fused
+        self.kernel_groups_prefixes = _kernel_groups_prefixes(runner, backend)
 
         def store(count, capacity):
             return KVStore(
@@ -183,12 +197,16 @@ class Batch:
         return next(iter(self.views.values())).layer(site, layer)
 
     # -- attention ----------------------------------------------------------------------------------------------
+    def _single_call(self, plan: dict) -> bool:
+        """One op call per layer: fused layout, one bank view, and a kernel that reads prefixes by id."""
+        return self.fused and plan["view"] is not None and self.kernel_groups_prefixes
+
     def self_attention(self, q: torch.Tensor, layer: int, scale: float, full: bool = False) -> torch.Tensor:
         """Decoder self-attention of one query per row, ``q [n, H, D]`` -> ``[n, H, D]``, over
         ``[decoder prefix ; context ; generated]`` (the new token's K/V already written)."""
         plan = self.plan()
         k, v, mask = self.stores["gen"].view(layer, full)
-        if self.fused and plan["view"] is not None:
+        if self._single_call(plan):
             bank_k, bank_v, offsets = self.views[plan["view"]].layer("decoder", layer)
             out, _ = ops.prefix_attention(
                 q[:, :, None],
@@ -222,7 +240,7 @@ class Batch:
         """BART cross-attention of one query per row over ``[cross prefix ; source]``."""
         plan = self.plan()
         k, v, mask = self.stores["src"].view(layer, full)
-        if self.fused and plan["view"] is not None:
+        if self._single_call(plan):
             bank_k, bank_v, offsets = self.views[plan["view"]].layer("cross", layer)
             out, _ = ops.prefix_attention(
                 q[:, :, None],
