@@ -205,17 +205,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def timeit(fn: Callable, min_time: float = 0.5, min_runs: int = 3, max_runs: int = 200) -> dict:
-    """Median and min wall time (ms) of ``fn()`` over repeated calls after two warm-up calls."""
+def timeit(
+    fn: Callable,
+    min_time: float = 0.5,
+    min_runs: int = 3,
+    max_runs: int = 200,
+    clock: Callable = time.perf_counter,
+) -> dict:
+    """Median and min time (ms, by ``clock``) of ``fn()`` over repeated calls after two warm-up calls."""
     fn()
     fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < max_runs):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "runs": len(times)}
+
+
+def single_thread_cpu_ms(fn: Callable, min_time: float) -> float:
+    """Median CPU time (ms) of ``fn()`` on one thread: robust to other jobs on a shared machine, which
+    stretch wall times (a descheduled OpenMP thread holds up the whole team for a time slice)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return timeit(fn, min_time=min_time, clock=time.thread_time)["median_ms"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def machine_rates() -> dict:
@@ -267,8 +284,9 @@ SWEEP = [
 ]
 
 
-def _time_backend(args: tuple, causal: bool, backend: str, min_time: float) -> tuple[float, float]:
-    """Median ms of one forward (no grad) and of forward + backward through the public op."""
+def _time_backend(args: tuple, causal: bool, backend: str, min_time: float) -> tuple[float, float, float]:
+    """Forward (no grad) and forward + backward through the public op: one-thread CPU-time medians (ms), and
+    the forward's min wall time on all threads."""
 
     def forward():
         with torch.no_grad():
@@ -278,7 +296,11 @@ def _time_backend(args: tuple, causal: bool, backend: str, min_time: float) -> t
         leaves = [t.detach().requires_grad_(True) for t in args[:5]]
         ops.prefix_attention(*leaves, *args[5:], causal=causal, backend=backend)[0].sum().backward()
 
-    return timeit(forward, min_time=min_time)["median_ms"], timeit(train, min_time=min_time)["median_ms"]
+    return (
+        single_thread_cpu_ms(forward, min_time),
+        single_thread_cpu_ms(train, min_time),
+        timeit(forward, min_time=min_time)["min_ms"],
+    )
 
 
 def sweep(min_time: float) -> list[dict]:
@@ -295,13 +317,24 @@ def sweep(min_time: float) -> list[dict]:
             )
         )
         for backend in ("cpp", "reference"):
-            row[f"{backend}_fwd_ms"], row[f"{backend}_fwd_bwd_ms"] = _time_backend(
-                args, causal, backend, min_time
-            )
+            times = _time_backend(args, causal, backend, min_time)
+            row[f"{backend}_fwd_ms"], row[f"{backend}_fwd_bwd_ms"], row[f"{backend}_fwd_wall_min_ms"] = times
         row["speedup_fwd"] = row["reference_fwd_ms"] / row["cpp_fwd_ms"]
         row["speedup_fwd_bwd"] = row["reference_fwd_bwd_ms"] / row["cpp_fwd_bwd_ms"]
+        row["speedup_fwd_wall_min"] = row["reference_fwd_wall_min_ms"] / row["cpp_fwd_wall_min_ms"]
         rows.append(row)
     return rows
+
+
+def _row(
+    case: str, dtype: torch.dtype, method: str, fn: Callable, flops: float, nbytes: float, min_time: float
+):
+    t = timeit(fn, min_time=min_time)
+    slow = method == "eager-concat" and dtype == torch.bfloat16  # seconds per call: no single-thread run
+    cpu1 = float("nan") if slow else single_thread_cpu_ms(fn, min_time)
+    best = t["min_ms"]
+    return dict(case=case, dtype=str(dtype)[6:], method=method, **t, cpu1_ms=cpu1,
+                GBps=nbytes / best / 1e6, GFLOPs=flops / best / 1e6)  # fmt: skip
 
 
 def run_all(quick: bool = False) -> dict:
@@ -313,19 +346,19 @@ def run_all(quick: bool = False) -> dict:
             w = make_workload(**shape, dtype=dtype)
             with torch.no_grad():
                 for method, fn in METHODS.items():
-                    t = timeit(lambda fn=fn, w=w: fn(w), min_time=min_time)
-                    rows.append(dict(case=case, dtype=str(dtype)[6:], method=method, **t,
-                                     GBps=w.bytes_moved() / t["median_ms"] / 1e6,
-                                     GFLOPs=w.flops() / t["median_ms"] / 1e6))  # fmt: skip
+                    fwd = lambda fn=fn, w=w: fn(w)  # noqa: E731
+                    rows.append(_row(case, dtype, method, fwd, w.flops(), w.bytes_moved(), min_time))
             if case == "prefill":
                 for method, fn in backward_closures(w).items():
-                    t = timeit(fn, min_time=min_time)
-                    rows.append(dict(case="prefill-backward", dtype=str(dtype)[6:], method=method, **t,
-                                     GBps=float("nan"), GFLOPs=2.5 * w.flops() / t["median_ms"] / 1e6))  # fmt: skip
+                    rows.append(
+                        _row("prefill-backward", dtype, method, fn, 2.5 * w.flops(), float("nan"), min_time)
+                    )
     for row in rows:
         ref = next(r for r in rows if r["case"] == row["case"] and r["dtype"] == row["dtype"]
                    and r["method"] == "reference")  # fmt: skip
         row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"]
+        row["speedup_min_vs_reference"] = ref["min_ms"] / row["min_ms"]
+        row["speedup_cpu1_vs_reference"] = ref["cpu1_ms"] / row["cpu1_ms"]
     return {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -340,9 +373,10 @@ def run_all(quick: bool = False) -> dict:
             "decode": DECODE,
             "prefill": PREFILL,
         },  # fmt: skip
-        "timing": "wall clock, median (and min) over >= 3 calls and >= 1 s after 2 warm-up calls",
-        "bytes": "decode GB/s = (distinct prefixes' K/V once + each row's K/V + q + out) / median time",
-        "flops": "GFLOP/s = 4*D per visible (query, key) pair and head / median time; backward counts 2.5x",
+        "timing": "median and min wall clock over >= 3 calls and >= 1 s after 2 warm-up calls, all threads; "
+        "cpu1 = median CPU time of the same call on one thread",
+        "bytes": "GB/s = (distinct prefixes' K/V once + each row's K/V + q + out) / min wall time",
+        "flops": "GFLOP/s = 4*D per visible (query, key) pair and head / min wall time; backward counts 2.5x",
         "results": rows,
         "sweep": sweep(min_time),
     }
@@ -354,19 +388,21 @@ def print_table(report: dict) -> None:
           f"commit {report['versions']['commit']}, load avg {report['loadavg_before_after']}")  # fmt: skip
     print(f"machine: copy {m['copy_GBps']:.1f} GB/s (read+write), read {m['read_GBps']:.1f} GB/s, "
           f"matmul fp32 {m['matmul_float32_GFLOPs']:.1f} GFLOP/s, bf16 {m['matmul_bfloat16_GFLOPs']:.2f} GFLOP/s")  # fmt: skip
-    print(
-        f"{'case':17} {'dtype':9} {'method':13} {'median ms':>10} {'min ms':>8} {'vs ref':>7} {'GB/s':>7} {'GFLOP/s':>8}"
-    )
+    print(f"{'case':17} {'dtype':9} {'method':13} {'median ms':>10} {'vs ref':>7} {'min ms':>8} {'vs ref':>7} "
+          f"{'1-thr CPU ms':>12} {'vs ref':>7} {'GB/s':>7} {'GFLOP/s':>8}")  # fmt: skip
     for r in report["results"]:
-        print(f"{r['case']:17} {r['dtype']:9} {r['method']:13} {r['median_ms']:10.3f} {r['min_ms']:8.3f} "
-              f"{r['speedup_vs_reference']:6.1f}x {r['GBps']:7.2f} {r['GFLOPs']:8.1f}")  # fmt: skip
+        print(f"{r['case']:17} {r['dtype']:9} {r['method']:13} {r['median_ms']:10.3f} "
+              f"{r['speedup_vs_reference']:6.1f}x {r['min_ms']:8.3f} {r['speedup_min_vs_reference']:6.1f}x "
+              f"{r['cpu1_ms']:12.3f} {r['speedup_cpu1_vs_reference']:6.1f}x {r['GBps']:7.2f} {r['GFLOPs']:8.1f}")  # fmt: skip
     print(
-        "sweep (rows, heads, Tq, Tk, D, P, entries, causal): forward ms cpp / ref, forward+backward ms cpp / ref"
+        "sweep (rows, heads, Tq, Tk, D, P, entries, causal): one-thread CPU ms cpp / ref of the forward and of"
     )
+    print("forward + backward; min wall ms of the forward on all threads")
     for r in report["sweep"]:
         print(f"{str(tuple(r['shape'].values())):42} fwd {r['cpp_fwd_ms']:8.3f} / {r['reference_fwd_ms']:8.3f} "
               f"({r['speedup_fwd']:4.1f}x)  fwd+bwd {r['cpp_fwd_bwd_ms']:8.3f} / {r['reference_fwd_bwd_ms']:8.3f} "
-              f"({r['speedup_fwd_bwd']:4.1f}x)")  # fmt: skip
+              f"({r['speedup_fwd_bwd']:4.1f}x)  wall {r['cpp_fwd_wall_min_ms']:8.3f} / "
+              f"{r['reference_fwd_wall_min_ms']:8.3f} ({r['speedup_fwd_wall_min']:4.1f}x)")  # fmt: skip
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -386,28 +422,33 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"Timing: {report['timing']}. {report['bytes']}. {report['flops']}.",
         "",
-        "| case | dtype | method | median ms | min ms | vs reference | GB/s | % of read BW | GFLOP/s | % of matmul |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | dtype | method | median ms | vs ref | min ms | vs ref | 1 thread, CPU ms | vs ref | GB/s "
+        "(min) | % of read BW | GFLOP/s (min) | % of fp32 matmul |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["results"]:
         bw = f"{r['GBps']:.2f} | {100 * r['GBps'] / m['read_GBps']:.0f}%" if r["GBps"] == r["GBps"] else "| "
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
-            f"{r['speedup_vs_reference']:.1f}x | {bw} | {r['GFLOPs']:.1f} | "
+            f"| {r['case']} | {r['dtype']} | {r['method']} | {r['median_ms']:.3f} | "
+            f"{r['speedup_vs_reference']:.1f}x | {r['min_ms']:.3f} | {r['speedup_min_vs_reference']:.1f}x | "
+            f"{r['cpu1_ms']:.3f} | {r['speedup_cpu1_vs_reference']:.1f}x | {bw} | {r['GFLOPs']:.1f} | "
             f"{100 * r['GFLOPs'] / m['matmul_float32_GFLOPs']:.0f}% |"
         )
     lines += [
         "",
-        "Sweep, cpp vs reference through the public op (median ms; forward without grad, forward + backward):",
+        "Sweep, cpp vs reference through the public op: one-thread CPU-time medians (ms) of the forward (no grad)",
+        "and of forward + backward, and the forward's min wall time on all threads:",
         "",
-        "| rows, heads, Tq, Tk, D, P, entries, causal | cpp fwd | ref fwd | x | cpp fwd+bwd | ref fwd+bwd | x |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rows, heads, Tq, Tk, D, P, entries, causal | cpp fwd | ref fwd | x | cpp fwd+bwd | ref fwd+bwd | x "
+        "| cpp fwd wall | ref fwd wall | x |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["sweep"]:
         lines.append(
             f"| {', '.join(str(x) for x in r['shape'].values())} | {r['cpp_fwd_ms']:.3f} | "
             f"{r['reference_fwd_ms']:.3f} | {r['speedup_fwd']:.1f}x | {r['cpp_fwd_bwd_ms']:.3f} | "
-            f"{r['reference_fwd_bwd_ms']:.3f} | {r['speedup_fwd_bwd']:.1f}x |"
+            f"{r['reference_fwd_bwd_ms']:.3f} | {r['speedup_fwd_bwd']:.1f}x | {r['cpp_fwd_wall_min_ms']:.3f} | "
+            f"{r['reference_fwd_wall_min_ms']:.3f} | {r['speedup_fwd_wall_min']:.1f}x |"
         )
     path.write_text("\n".join(lines) + "\n")
 
