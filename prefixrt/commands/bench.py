@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    g.add_argument("--repeats", type=int, default=1, help="runs per method (the fastest is kept)")
+    g.add_argument(
+        "--repeats", type=int, default=1, help="rounds over all methods, order rotated (fastest kept)"
+    )
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument(
         "--backend", default="auto", help="prefixrt attention backend (auto, reference, cpp, triton)"
@@ -127,39 +129,42 @@ def run(args: argparse.Namespace) -> int:
         )
         model, bank, input_ids, prefix_ids = build(workload, model)
         environment["decode_backend"] = _decode_backend(bank, args.backend)
-        outputs = {}
-        for method in args.methods:
-            attached = prefixrt.is_attached(model)
-            if method == "peft_style" and attached:
-                prefixrt.detach(model)
-            elif method != "peft_style" and not attached:
-                prefixrt.attach(model, bank, backend=args.backend)
-            best = None
-            call = _bind(run_method, method, model, bank, input_ids, prefix_ids, workload)
-            for _ in range(args.repeats):
+        outputs, runs = {}, {m: [] for m in args.methods}
+        tokens = workload.rows * workload.new_tokens
+        for round_ in range(args.repeats):
+            shift = round_ % len(args.methods)  # rotate the order so a change of load hits every method alike
+            for method in args.methods[shift:] + args.methods[:shift]:
+                attached = prefixrt.is_attached(model)
+                if method == "peft_style" and attached:
+                    prefixrt.detach(model)
+                elif method != "peft_style" and not attached:
+                    prefixrt.attach(model, bank, backend=args.backend)
                 load = _load()
-                out, seconds, peak = measure(call)
-                if best is None or seconds < best["seconds"]:
-                    best = {
-                        "seconds": seconds,
-                        "peak_rss_bytes": peak,
-                        "load_before": load,
-                        "load_after": _load(),
-                    }
-            outputs[method] = out
-            tokens = workload.rows * workload.new_tokens
+                out, seconds, peak = measure(
+                    _bind(run_method, method, model, bank, input_ids, prefix_ids, workload)
+                )
+                runs[method].append(
+                    {"seconds": seconds, "peak_rss_bytes": peak, "load_before": load, "load_after": _load()}
+                )
+                outputs[method] = out
+                print(
+                    f"  P={prefix_len:<4} {method:<18} {seconds:8.2f} s  {tokens / seconds:8.1f} tok/s  "
+                    f"(load {load:.1f})",
+                    flush=True,
+                )
+        for method in args.methods:
+            best = min(runs[method], key=lambda r: r["seconds"])
+            peaks = [r["peak_rss_bytes"] for r in runs[method] if r["peak_rss_bytes"] is not None]
             results.append(
                 {
                     "prefix_len": prefix_len,
                     "method": method,
                     "tokens": tokens,
                     "tokens_per_s": tokens / best["seconds"],
-                    **best,
+                    "seconds": best["seconds"],
+                    "peak_rss_bytes": max(peaks) if peaks else None,
+                    "runs": runs[method],
                 }
-            )
-            print(
-                f"  P={prefix_len:<4} {method:<18} {best['seconds']:8.2f} s  {tokens / best['seconds']:8.1f} tok/s",
-                flush=True,
             )
         if prefixrt.is_attached(model):
             prefixrt.detach(model)
