@@ -11,6 +11,8 @@ Layouts and batches
     paper's ``src <bos> tgt <eos>`` (GPT-2) and encoder/decoder (BART) rows, :func:`decode_generated` reads
     ``generate``'s output back; :class:`Collator` pads them and adds
     ``task_ids``; :class:`MixedTaskDataset` and :class:`MixedTaskBatchSampler` mix tasks in one batch.
+Task kinds
+    :func:`kind_of` and :data:`KIND_DEFAULTS`: the paper's prefix length, truncation and decoding per kind.
 Metrics and reports
     :func:`score` (``"table-to-text"`` or ``"summarization"``), the single metrics, :func:`write_scores`,
     :func:`format_markdown_table`, :func:`mean_std`.
@@ -32,6 +34,7 @@ from prefixrt.tasks.encode import (
 from prefixrt.tasks.examples import DataFormatError, Example, collapse, references, subsample
 from prefixrt.tasks.hub import load_hub_dataset
 from prefixrt.tasks.jsonl import load_jsonl
+from prefixrt.tasks.kinds import KIND_DEFAULTS, KindDefaults, kind_of
 from prefixrt.tasks.linearize import linearize_e2e_mr, linearize_triples, parse_e2e_mr
 from prefixrt.tasks.loading import FORMATS, guess_format, load_examples
 from prefixrt.tasks.metrics import NOT_COMPUTED, TASK_KINDS, bleu, chrf, rouge, score, ter
@@ -42,6 +45,7 @@ from prefixrt.tasks.triples import load_dart, load_triples_json, load_triples_xm
 
 __all__ = [
     "FORMATS",
+    "KIND_DEFAULTS",
     "LAYOUTS",
     "NOT_COMPUTED",
     "TASK_KINDS",
@@ -49,6 +53,7 @@ __all__ = [
     "DataFormatError",
     "Encoded",
     "Example",
+    "KindDefaults",
     "MixedTaskBatchSampler",
     "MixedTaskDataset",
     "bleu",
@@ -62,6 +67,7 @@ __all__ = [
     "encode_seq2seq",
     "format_markdown_table",
     "guess_format",
+    "kind_of",
     "layout_for",
     "linearize_e2e_mr",
     "linearize_triples",

@@ -21,7 +21,9 @@ __all__ = [
     "build_model",
     "byte_level_tokenizer",
     "load_model",
+    "load_model_and_tokenizer",
     "load_tokenizer",
+    "parse_overrides",
     "shared_data_dir",
 ]
 
@@ -166,6 +168,50 @@ def load_tokenizer(
         f"no {model_type} tokenizer found (looked in {looked or 'nowhere'}); pass --tokenizer DIR or set "
         "PREFIXRT_SHARED_DATA to the folder holding gpt2-tokenizer/ and bart-tokenizer/"
     )
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    seed: int = 0,
+    tokenizer: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any]:
+    """A model (built-in name with ``seed``, or a local directory) and its tokenizer (:func:`load_tokenizer`).
+
+    A built-in model gets the tokenizer's vocabulary size, so the same name, seed, ``overrides`` (config fields,
+    e.g. ``{"initializer_range": 0.1}``) and tokenizer always give the same weights (what a bank trained on it
+    needs). ``overrides`` apply to built-in models only.
+    """
+    if name_or_path in BUILTIN_MODELS:
+        tok = load_tokenizer(BUILTIN_MODELS[name_or_path][0], tokenizer)
+        return build_model(name_or_path, seed=seed, vocab_size=len(tok), **(overrides or {})), tok
+    if overrides:
+        raise ValueError(
+            f"config overrides {sorted(overrides)} apply to built-in models only, not to the local model "
+            f"{name_or_path}"
+        )
+    model = load_model(name_or_path)
+    return model, load_tokenizer(model.config.model_type, tokenizer, model_path=name_or_path)
+
+
+def parse_overrides(specs: list[str] | None) -> dict[str, Any]:
+    """``["initializer_range=0.1", "resid_pdrop=0"]`` -> ``{"initializer_range": 0.1, "resid_pdrop": 0}``.
+
+    Values are read as JSON (numbers, true/false, null, quoted strings), else kept as strings.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for spec in specs or []:
+        key, sep, value = spec.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-config {spec!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def byte_level_tokenizer() -> Any:
