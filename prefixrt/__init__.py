@@ -8,6 +8,7 @@
 """
 
 from prefixrt.bank import BankFileError, PrefixBank
+from prefixrt.engine import Engine, SamplingParams, generate
 from prefixrt.hf import attach, detach, is_attached
 from prefixrt.spec import ModelSpec, SiteSpec
 from prefixrt.train import PrefixTuner
@@ -16,11 +17,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BankFileError",
+    "Engine",
     "ModelSpec",
     "PrefixBank",
     "PrefixTuner",
+    "SamplingParams",
     "SiteSpec",
     "attach",
     "detach",
+    "generate",
     "is_attached",
 ]
