@@ -199,7 +199,8 @@ def _run(args: argparse.Namespace) -> int:
                     tokenizer,
                     data[name],
                     kind,
-                    prefix_id=bank.id_of(entry) if entry is not None else None,
+                    # a row without prefix on an attached model is id -1; a plain model gets no prefix_ids
+                    prefix_id=bank.id_of(entry) if entry is not None else (-1 if bank is not None else None),
                     decoding=decoding,
                     max_sources=args.max_examples,
                     max_source_tokens=max_source_tokens,

@@ -109,7 +109,8 @@ def generate_texts(
     sources : sequence of str
         Linearized tables or documents.
     prefix_id : int or None
-        The bank entry (or tuner task) id every row uses; None: no ``prefix_ids`` (plain model).
+        The bank entry (or tuner task) id every row uses (``-1``: no prefix, on an attached model); None: no
+        ``prefix_ids`` at all (a plain model).
     decoding : Decoding
     max_source_tokens : int, optional
         Truncate sources (BART: the encoder input, special tokens included).
