@@ -83,6 +83,18 @@ def test_finetune_checkpoint_resumes_bit_for_bit(tmp_path):
         load_tuner(tmp_path / CHECKPOINT_FILE)
 
 
+def test_dev_rows_survive_a_resume(tmp_path):
+    """The log of a stopped and resumed run, dev rows included, is the uninterrupted run's."""
+    config = TrainConfig(lr=3e-3, batch_size=4, max_steps=6, log_every=2, seed=2)
+    kwargs = dict(pad_token_id=PAD, config=config, progress=False, dev_data=toy_data(4, seed=1), eval_every=3)
+    full = finetune(tiny_gpt2(), toy_data(), **kwargs)
+    files = dict(checkpoint_dir=tmp_path / "ckpt", log_path=tmp_path / "log.csv")
+    finetune(tiny_gpt2(), toy_data(), stop_after=4, **files, **kwargs)
+    resumed = finetune(tiny_gpt2(), toy_data(), resume=True, **files, **kwargs)
+    assert [r["step"] for r in full.dev] == [0, 3, 6]
+    assert resumed.log == full.log
+
+
 def test_finetune_refuses_an_attached_model():
     model = tiny_gpt2()
     bank = prefixrt.PrefixBank.for_model(model)

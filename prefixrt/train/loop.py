@@ -160,7 +160,7 @@ class TrainResult:
     @property
     def dev(self) -> list[dict[str, float]]:
         """The evaluation rows (those with ``dev_loss`` or eval-hook values), first to last."""
-        return [r for r in self.log if any(k.startswith("dev_") for k in r)]
+        return [r for r in self.log if any(k.startswith("dev_") and not math.isnan(v) for k, v in r.items())]
 
 
 def linear_warmup_schedule(
@@ -323,8 +323,8 @@ class _LossLog:
             reader = csv.DictReader(fh)
             self.columns.extend(c for c in reader.fieldnames or () if c not in self.columns)
             for row in reader:
-                if int(row["step"]) <= step:
-                    self.rows.append({k: float(v) if v != "" else math.nan for k, v in row.items()})
+                if int(row["step"]) <= step:  # empty cells: values the row never had (as in memory)
+                    self.rows.append({k: float(v) for k, v in row.items() if v != ""})
 
     def add_totals(self, task_sum: Mapping[str, float], task_tokens: Mapping[str, int]) -> None:
         """Add one step's summed cross-entropy and target tokens per task."""
