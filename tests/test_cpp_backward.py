@@ -10,6 +10,7 @@ from test_cpp_cases import (
     assert_close,
     cpp_kernels,  # noqa: F401  (fixture)
     make_case,
+    one_thread,  # noqa: F401  (fixture)
     oracle_grads,
     with_mask,
 )
@@ -17,7 +18,7 @@ from test_cpp_cases import (
 from prefixrt.ops import prefix_attention
 from prefixrt.ops.cpp_backend import cpp_backward, cpp_forward
 
-pytestmark = pytest.mark.usefixtures("cpp_kernels")
+pytestmark = pytest.mark.usefixtures("cpp_kernels", "one_thread")
 NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")
 
 

@@ -2,7 +2,8 @@
 
 ``make_case`` builds one prefix-attention call over a packed bank of the given entry lengths; the oracle is
 ``prefix_attention_reference`` on the same values in float64. ``TOLERANCES`` is the one table per dtype that
-every C++ test compares with. ``cpp_kernels`` (a fixture) builds the kernels once, skips when this machine
+every C++ test compares with. ``one_thread`` (a fixture) runs a test on one intra-op thread.
+``cpp_kernels`` (a fixture) builds the kernels once, skips when this machine
 has no C++ compiler (or ``PREFIXRT_NO_CPP`` is set), and fails, with the reason, when a machine that has one cannot build them.
 """
 
@@ -145,6 +146,17 @@ def oracle(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
 def oracle_grads(case: Case, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dbank_k, dbank_v)`` of the reference in fp64."""
     return prefix_attention_reference_backward(dout.double(), *case.double_args())
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: under ``pytest -n 2`` two workers with two OpenMP threads each
+    oversubscribe two cores, and a descheduled thread stalls its team for a whole time slice (a 10 ms oracle
+    call then takes 0.5 s). The thread-count test sets its own counts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

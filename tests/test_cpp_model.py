@@ -3,13 +3,13 @@
 
 import pytest
 import torch
-from test_cpp_cases import TOLERANCES, cpp_kernels  # noqa: F401  (fixture)
+from test_cpp_cases import TOLERANCES, cpp_kernels, one_thread  # noqa: F401  (fixtures)
 from tiny import left_padded, random_bank, random_ids, tiny_bart, tiny_gpt2
 
 import prefixrt
 from prefixrt.ops.backends import get_backend
 
-pytestmark = pytest.mark.usefixtures("cpp_kernels")
+pytestmark = pytest.mark.usefixtures("cpp_kernels", "one_thread")
 TOL = TOLERANCES[torch.float32]
 MODEL_TOL = 1e-4  # logits after a few layers: each layer's attention is within TOL.out of the oracle
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
