@@ -204,3 +204,31 @@ def test_bank_and_model_must_match(tmp_path, shared_data, capsys):
     assert code == 2
     assert "bart" in capsys.readouterr().err
     assert prefixrt.PrefixBank.load(bank).names == ["e2e"]
+
+
+def test_task_kinds_and_the_papers_decoding(shared_data):
+    from prefixrt.tasks import KIND_DEFAULTS, kind_of
+    from prefixrt.train.models import parse_overrides
+
+    assert kind_of(shared_data / "e2e" / "devset.csv") == "table-to-text"
+    assert kind_of(shared_data / "dart" / "dart-v1.1.1-full-test.xml") == "table-to-text"
+    assert kind_of("missing/train.jsonl") == kind_of("EdinburghNLP/xsum") == "summarization"
+    assert kind_of("GEM/e2e_nlg") == kind_of("data.jsonl", format="e2e") == "table-to-text"
+    assert (
+        KIND_DEFAULTS["table-to-text"].prefix_length == 10
+        and KIND_DEFAULTS["summarization"].prefix_length == 200
+    )
+    xsum = Decoding.for_kind("summarization", num_beams=None, batch_size=4)  # None: keep the default
+    assert (xsum.num_beams, xsum.length_penalty, xsum.min_new_tokens, xsum.max_new_tokens) == (6, 0.8, 10, 61)
+    assert xsum.generate_kwargs() == {
+        "num_beams": 6, "max_new_tokens": 61, "do_sample": False, "length_penalty": 0.8, "min_new_tokens": 10,
+    }  # fmt: skip
+    greedy = Decoding.for_kind("table-to-text", num_beams=1).generate_kwargs()
+    assert "length_penalty" not in greedy and "min_new_tokens" not in greedy
+    with pytest.raises(ValueError, match="kind"):
+        Decoding.for_kind("poetry")
+    assert parse_overrides(["initializer_range=0.1", "n_layer=1", "activation_function=gelu"]) == {
+        "initializer_range": 0.1, "n_layer": 1, "activation_function": "gelu",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["initializer_range"])
