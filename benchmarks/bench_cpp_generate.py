@@ -135,11 +135,10 @@ def main(argv=None) -> None:
         "results": rows,
     }
     print(f"{report['cpu']}, {report['threads']} threads, load avg {report['loadavg_before_after']}")
-    print(
-        f"{'backend':10} {'prefill s':>10} {'generate s':>11} {'step ms':>8} {'tok/s':>7} {'x gen':>6} {'x step':>7}"
-    )
+    header = ("backend", "clock", "prefill s", "generate s", "step ms", "tok/s", "x gen", "x step")
+    print("{:10} {:20} {:>10} {:>11} {:>8} {:>7} {:>6} {:>7}".format(*header))
     for r in rows:
-        print(f"{r['backend']:10} {r['prefill_s']:10.2f} {r['generate_s']:11.2f} {r['decode_step_ms']:8.1f} "
+        print(f"{r['backend']:10} {r['clock']:20} {r['prefill_s']:10.2f} {r['generate_s']:11.2f} {r['decode_step_ms']:8.1f} "
               f"{r['tokens_per_s']:7.1f} {r['speedup_generate']:5.1f}x {r['speedup_decode_step']:6.1f}x")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
