@@ -454,36 +454,41 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Bars per case and method: median wall time on all threads (left), one-thread CPU time (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted(
-        {(r["case"], r["dtype"]) for r in report["results"]}, key=lambda g: (g[0], g[1] != "float32")
-    )
-    methods = list(dict.fromkeys(r["method"] for r in report["results"]))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    results = report["results"]
+    groups = sorted({(r["case"], r["dtype"]) for r in results}, key=lambda g: (g[0], g[1] != "float32"))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
     width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        xs, ys = [], []
-        for j, (case, dtype) in enumerate(groups):
-            hit = [
-                r for r in report["results"] if (r["case"], r["dtype"], r["method"]) == (case, dtype, method)
-            ]
-            if hit:
-                xs.append(j + i * width)
-                ys.append(hit[0]["median_ms"])
-        bars = ax.bar(xs, ys, width, label=method)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{c}\n{d}" for c, d in groups])
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per call (median, log scale)")
-    ax.set_title(f"prefix attention, one GPT-2-small layer: {report['cpu']}, {report['threads']} threads, "
-                 f"commit {report['versions']['commit']}", fontsize=9)  # fmt: skip
-    ax.legend()
+    panels = (
+        ("median_ms", f"median wall ms, {report['threads']} threads"),
+        ("cpu1_ms", "CPU ms on one thread"),
+    )
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for i, method in enumerate(methods):
+            xs, ys = [], []
+            for j, group in enumerate(groups):
+                hit = [r for r in results if (r["case"], r["dtype"], r["method"]) == (*group, method)]
+                if hit and hit[0][key] == hit[0][key]:  # skip NaN (not measured)
+                    xs.append(j + i * width)
+                    ys.append(hit[0][key])
+            ax.bar_label(ax.bar(xs, ys, width, label=method), fmt="%.3g", fontsize=6)
+        ax.set_xticks(
+            [j + 0.4 - width / 2 for j in range(len(groups))], [f"{c}\n{d}" for c, d in groups], fontsize=8
+        )
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+    axes[0].set_ylabel("ms per call (log scale)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"prefix attention, one GPT-2-small layer: {report['cpu']}, commit {report['versions']['commit']}, "
+                 f"load avg {report['loadavg_before_after']}", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> None:
