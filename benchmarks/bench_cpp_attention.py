@@ -205,32 +205,51 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+class CacheFlush:
+    """Evicts the caches between timed calls (reads and writes 64 MiB, twice a 32 MiB L3): in a model, the
+    other layers' weights and K/V pass through the cache between two calls of one layer's attention, so a
+    decode step streams its K/V from memory. Without it a 23 MB decode workload would sit in L3."""
+
+    def __init__(self, mib: int = 64):
+        self.buffer = torch.zeros(mib * 2**20 // 4)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1.0)
+
+
+FLUSH = CacheFlush()
+
+
 def timeit(
     fn: Callable,
     min_time: float = 0.5,
     min_runs: int = 3,
     max_runs: int = 200,
     clock: Callable = time.perf_counter,
+    before: Callable | None = None,
 ) -> dict:
-    """Median and min time (ms, by ``clock``) of ``fn()`` over repeated calls after two warm-up calls."""
+    """Median and min time (ms, by ``clock``) of ``fn()`` over repeated calls after two warm-up calls;
+    ``before()`` runs untimed before every timed call."""
     fn()
     fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start < min_time and len(times) < max_runs):
+        if before is not None:
+            before()
         t0 = clock()
         fn()
         times.append(clock() - t0)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "runs": len(times)}
 
 
-def single_thread_cpu_ms(fn: Callable, min_time: float) -> float:
+def single_thread_cpu_ms(fn: Callable, min_time: float, before: Callable | None = None) -> float:
     """Median CPU time (ms) of ``fn()`` on one thread: robust to other jobs on a shared machine, which
     stretch wall times (a descheduled OpenMP thread holds up the whole team for a time slice)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return timeit(fn, min_time=min_time, clock=time.thread_time)["median_ms"]
+        return timeit(fn, min_time=min_time, clock=time.thread_time, before=before)["median_ms"]
     finally:
         torch.set_num_threads(threads)
 
@@ -329,9 +348,9 @@ def sweep(min_time: float) -> list[dict]:
 def _row(
     case: str, dtype: torch.dtype, method: str, fn: Callable, flops: float, nbytes: float, min_time: float
 ):
-    t = timeit(fn, min_time=min_time)
+    t = timeit(fn, min_time=min_time, before=FLUSH)
     slow = method == "eager-concat" and dtype == torch.bfloat16  # seconds per call: no single-thread run
-    cpu1 = float("nan") if slow else single_thread_cpu_ms(fn, min_time)
+    cpu1 = float("nan") if slow else single_thread_cpu_ms(fn, min_time, before=FLUSH)
     best = t["min_ms"]
     return dict(case=case, dtype=str(dtype)[6:], method=method, **t, cpu1_ms=cpu1,
                 GBps=nbytes / best / 1e6, GFLOPs=flops / best / 1e6)  # fmt: skip
@@ -373,8 +392,9 @@ def run_all(quick: bool = False) -> dict:
             "decode": DECODE,
             "prefill": PREFILL,
         },  # fmt: skip
-        "timing": "median and min wall clock over >= 3 calls and >= 1 s after 2 warm-up calls, all threads; "
-        "cpu1 = median CPU time of the same call on one thread",
+        "timing": "median and min wall clock over >= 3 calls and >= 1 s after 2 warm-up calls, all threads, "
+        "caches flushed (64 MiB read+written) before every timed call; cpu1 = median CPU time of the same call "
+        "on one thread",
         "bytes": "GB/s = (distinct prefixes' K/V once + each row's K/V + q + out) / min wall time",
         "flops": "GFLOP/s = 4*D per visible (query, key) pair and head / min wall time; backward counts 2.5x",
         "results": rows,
