@@ -91,9 +91,12 @@ dartbase)  # 5. a "pretrained" stand-in: the tiny GPT-2 fine-tuned on DART, then
     --bank "$R/dartbase/prefix/bank.seed3.safetensors"
   prefixrt eval --task "e2e=$E2E_TEST" "${EVAL[@]}" --out "$R/dartbase/finetune/eval" \
     --model "$R/dartbase/finetune/seed1" --model "$R/dartbase/finetune/seed2" --model "$R/dartbase/finetune/seed3"
-  keep dartbase/base "$R"/dartbase/base/{summary.json,summary.md,loss.png} "$R"/dartbase/base/eval/{e2e.json,e2e.md}
-  keep dartbase/prefix "$R"/dartbase/prefix/bank.{summary.json,summary.md} "$R"/dartbase/prefix/eval/{e2e.json,e2e.md}
-  keep dartbase/finetune "$R"/dartbase/finetune/{summary.json,summary.md} "$R"/dartbase/finetune/eval/{e2e.json,e2e.md}
+  keep dartbase/base "$R"/dartbase/base/{summary.json,summary.md,loss.png} \
+    "$R"/dartbase/base/eval/{e2e.json,e2e.md,e2e.outputs.txt}
+  keep dartbase/prefix "$R"/dartbase/prefix/bank.{summary.json,summary.md} "$R"/dartbase/prefix/eval/{e2e.json,e2e.md} \
+    "$R"/dartbase/prefix/eval/e2e.bank.seed*.outputs.txt
+  keep dartbase/finetune "$R"/dartbase/finetune/{summary.json,summary.md} \
+    "$R"/dartbase/finetune/eval/{e2e.json,e2e.md} "$R"/dartbase/finetune/eval/e2e.seed*.outputs.txt
   ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
