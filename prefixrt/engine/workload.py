@@ -52,9 +52,9 @@ class Workload:
         return asdict(self)
 
 
-def build(workload: Workload, model=None):
-    """``(model, bank, input_ids [rows, T], prefix_ids [rows])``; the model is built unless given (then only
-    checked to have the workload's shape). The model is returned detached."""
+def build(workload: Workload, model=None, device: torch.device | str = "cpu"):
+    """``(model, bank, input_ids [rows, T], prefix_ids [rows])`` on ``device``; the model is built unless given
+    (then only checked to have the workload's shape). The model is returned detached."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import prefixrt
@@ -71,7 +71,7 @@ def build(workload: Workload, model=None):
             bos_token_id=None,
             pad_token_id=0,
         )
-        model = GPT2LMHeadModel(config).eval().requires_grad_(False)
+        model = GPT2LMHeadModel(config).eval().requires_grad_(False).to(device)
     g = torch.Generator().manual_seed(workload.seed + 1)
     bank = prefixrt.PrefixBank.for_model(model)
     head_dim = workload.hidden // workload.heads
@@ -81,7 +81,7 @@ def build(workload: Workload, model=None):
     # Token 0 is the pad id: keep it out of the prompts (HF would infer padding from it).
     input_ids = torch.randint(1, workload.vocab, (workload.rows, workload.prompt_len), generator=g)
     prefix_ids = torch.arange(workload.rows) % workload.prefixes
-    return model, bank, input_ids, prefix_ids
+    return model, bank, input_ids.to(device), prefix_ids.to(device)
 
 
 def _generate_kwargs(workload: Workload) -> dict:
@@ -92,7 +92,12 @@ def peft_style_generate(model, bank, input_ids, prefix_ids, workload: Workload) 
     """PEFT's way: one batch per prefix, the prefix copied into the cache and the mask extended."""
     from transformers import DynamicCache
 
-    out = torch.empty(input_ids.shape[0], workload.prompt_len + workload.new_tokens, dtype=torch.long)
+    out = torch.empty(
+        input_ids.shape[0],
+        workload.prompt_len + workload.new_tokens,
+        dtype=torch.long,
+        device=input_ids.device,
+    )
     for pid in prefix_ids.unique().tolist():
         rows = (prefix_ids == pid).nonzero()[:, 0]
         kv = bank.entry(bank.name_of(pid))["decoder"]  # [L, 2, H, P, D]
@@ -101,7 +106,7 @@ def peft_style_generate(model, bank, input_ids, prefix_ids, workload: Workload) 
             k = kv[layer, 0][None].expand(rows.numel(), -1, -1, -1).contiguous()
             v = kv[layer, 1][None].expand(rows.numel(), -1, -1, -1).contiguous()
             cache.update(k, v, layer)
-        mask = torch.ones(rows.numel(), kv.shape[3] + input_ids.shape[1], dtype=torch.long)
+        mask = torch.ones(rows.numel(), kv.shape[3] + input_ids.shape[1], dtype=torch.long, device=kv.device)
         out[rows] = model.generate(
             input_ids[rows], attention_mask=mask, past_key_values=cache, **_generate_kwargs(workload)
         )
@@ -138,7 +143,7 @@ def run_method(name: str, model, bank, input_ids, prefix_ids, workload: Workload
                 for row, p in zip(input_ids, prefix_ids, strict=True)
             ]
             results = engine.run()
-            new = torch.tensor([results[i].tokens for i in ids])
+            new = torch.tensor([results[i].tokens for i in ids], device=input_ids.device)
             return torch.cat([input_ids, new], dim=1)
     raise ValueError(f"unknown method {name!r}; methods are {METHODS}")
 
@@ -151,9 +156,19 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(fn) -> tuple[object, float, int | None]:
-    """``(result, seconds, peak RSS growth in bytes or None where /proc is unavailable)``."""
+def measure(fn, device: torch.device | str = "cpu") -> tuple[object, float, int | None]:
+    """``(result, seconds, peak memory growth in bytes)``: on CUDA the allocator's peak over what was allocated
+    before; on CPU the peak RSS growth (None where /proc is unavailable)."""
     gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return result, seconds, torch.cuda.max_memory_allocated() - before
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
