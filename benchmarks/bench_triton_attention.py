@@ -225,6 +225,17 @@ def measure_peaks() -> dict:
     }
 
 
+def _graph_ms(fn) -> float | None:
+    """GPU time of ``fn`` replayed as a CUDA graph (no launch overhead); None if it cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn)
+    except Exception as err:  # report it, keep the wall-clock figure
+        print(f"CUDA graph capture failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -256,8 +267,11 @@ def run_all() -> list[dict]:
             cases = decode_cases(w)
             expected = cases["sdpa_per_row_copies"]()
             for impl, fn in cases.items():
+                # A decode step is a few microseconds of GPU work, so a plain call measures the launch
+                # overhead; generation replays the step as a CUDA graph (prefixrt.engine.capture), so the
+                # graph time is the one the targets use.
                 record(f"decode_cached{cached}", impl, do_bench(fn), w, w.flops(),
-                       max_abs_diff_vs_sdpa=_max_diff(fn(), expected))  # fmt: skip
+                       ms_cuda_graph=_graph_ms(fn), max_abs_diff_vs_sdpa=_max_diff(fn(), expected))  # fmt: skip
     return results
 
 
@@ -273,9 +287,15 @@ def targets(results: list[dict], peaks: dict) -> dict:
     bandwidth = peaks["spec_hbm_gbps"] or peaks["measured_copy_gbps"]
     for cached in DECODE_CACHED:
         case = f"decode_cached{cached}"
-        out[f"{case}_fraction_of_bandwidth_roofline >= 0.7"] = ms[(case, "triton")]["gbps"] / bandwidth
-        copies = min(ms[(case, "sdpa_per_row_copies")]["ms"], ms[(case, "eager_per_row_copies")]["ms"])
-        out[f"{case}_vs_per_row_copies >= 3"] = copies / ms[(case, "triton")]["ms"]
+        # GPU time (CUDA graph replay) where every implementation could be captured, else wall time per call.
+        rows = [ms[(case, impl)] for impl in ("triton", "sdpa_per_row_copies", "eager_per_row_copies")]
+        key = "ms_cuda_graph" if all(r.get("ms_cuda_graph") for r in rows) else "ms"
+        mine = ms[(case, "triton")]
+        out[f"{case}_fraction_of_bandwidth_roofline >= 0.7"] = (
+            mine["gbps"] * mine["ms"] / mine[key] / bandwidth
+        )
+        copies = min(rows[1][key], rows[2][key])
+        out[f"{case}_vs_per_row_copies >= 3"] = copies / mine[key]
     return {k: {"value": v, "met": v >= float(k.rsplit(">= ", 1)[1])} for k, v in out.items()}
 
 
@@ -323,9 +343,11 @@ def main(argv=None) -> int:
     )
     print(f"measured: bf16 matmul {peaks['measured_bf16_matmul_tflops']:.0f} TFLOP/s, copy {peaks['measured_copy_gbps']:.0f} GB/s;"
           f" datasheet: {peaks['spec_bf16_dense_tflops']} TFLOP/s, {peaks['spec_hbm_gbps']} GB/s")  # fmt: skip
-    print(f"{'case':<22}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'GB/s':>10}")
+    print(f"{'case':<22}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'GB/s':>10}{'graph ms':>10}{'graph GB/s':>11}")
     for r in results:
-        print(f"{r['case']:<22}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}{r['gbps']:>10.0f}")
+        graph = r.get("ms_cuda_graph")
+        extra = f"{graph:>10.3f}{r['gbps'] * r['ms'] / graph:>11.0f}" if graph else ""
+        print(f"{r['case']:<22}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}{r['gbps']:>10.0f}{extra}")
     for name, t in report["targets"].items():
         print(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']:.2f}")
     if args.out:
