@@ -34,7 +34,9 @@ def eager_concatenated(q, k, v, bank_k, bank_v, prefix_ids, offsets):
     values = torch.cat([bank_v[:, index].transpose(0, 1), v], dim=2)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     visible = torch.cat([torch.ones(T, P, dtype=torch.bool, device=q.device), causal], dim=1)
-    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~visible, torch.finfo(q.dtype).min
+    )
     scores = q @ keys.transpose(-1, -2) * HEAD_DIM**-0.5 + mask
     return torch.softmax(scores, dim=-1) @ values
 

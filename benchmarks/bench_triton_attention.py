@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -300,6 +301,8 @@ def targets(results: list[dict], peaks: dict) -> dict:
 
 
 def _git(*args) -> str:
+    if args[0] == "rev-parse" and os.environ.get("PREFIXRT_COMMIT"):
+        return os.environ["PREFIXRT_COMMIT"]  # a copied tree's .git may lag (the device machine's did)
     try:
         return subprocess.run(
             ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
@@ -308,10 +311,45 @@ def _git(*args) -> str:
         return "unknown"
 
 
+def plot(report: dict, path: Path) -> None:
+    """Milliseconds per implementation for every case (log scale; decode as CUDA-graph GPU time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in report["results"]))
+    impls = list(dict.fromkeys(r["impl"] for r in report["results"]))
+    ms = {(r["case"], r["impl"]): r.get("ms_cuda_graph") or r["ms"] for r in report["results"]}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs = [j + i * width for j, c in enumerate(cases) if (c, impl) in ms]
+        ax.bar(xs, [ms[(c, impl)] for c in cases if (c, impl) in ms], width, label=impl)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (lower is better; decode: CUDA-graph GPU time)")
+    ax.legend(fontsize=8)
+    ax.set_title(
+        f"prefix attention, {report['device']}, {report['dtype']}, torch {report['torch']}, "
+        f"triton {report['triton']}, commit {report['commit'][:10]}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (and a PNG beside it)")
+    parser.add_argument(
+        "--plot-from", type=Path, help="only draw the PNG of an existing JSON (no GPU needed)"
+    )
     args = parser.parse_args(argv)
+    if args.plot_from:
+        plot(json.loads(args.plot_from.read_text()), args.plot_from.with_suffix(".png"))
+        return 0
     if not HAS_CUDA:
         print("no CUDA device: the Triton benchmarks only run on a GPU", file=sys.stderr)
         return 1
@@ -353,7 +391,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        plot(report, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and its .png")
     return 0
 
 
