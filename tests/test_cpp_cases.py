@@ -10,10 +10,12 @@ has no C++ compiler (or ``PREFIXRT_NO_CPP`` is set), and fails, with the reason,
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
+from attention_cases import Case, Tolerance
+from attention_cases import assert_close as shared_assert_close
 
 from prefixrt.ops import cpp_build
 from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
@@ -21,19 +23,6 @@ from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Every prefix length the issue names, in one packed bank: entry e has length ENTRY_LENGTHS[e].
 ENTRY_LENGTHS = (0, 1, 17, 200)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """``atol`` is relative to the largest magnitude of the expected tensor (at least 1); ``rtol`` elementwise.
-
-    ``lse`` is computed in fp32 from the (exactly widened) inputs whatever their dtype, so it stays tight;
-    outputs and gradients are rounded to the input dtype once.
-    """
-
-    out: float
-    lse: float
-    grad: float
 
 
 TOLERANCES = {
@@ -44,47 +33,8 @@ TOLERANCES = {
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """Compare in fp64 with ``atol = tol * max(1, max|expected|)``, ``rtol = tol``; infinities must match."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not actual.isnan().any(), f"{what}: NaN in the result"
-    finite = expected.isfinite()
-    assert torch.equal(actual.isfinite(), finite), f"{what}: infinities differ"
-    assert torch.equal(actual[~finite], expected[~finite]), f"{what}: infinities differ in sign"
-    scale = max(1.0, expected[finite].abs().max().item()) if finite.any() else 1.0
-    torch.testing.assert_close(
-        actual[finite], expected[finite], atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}"
-    )
-
-
-@dataclass(frozen=True)
-class Case:
-    """One prefix-attention call (the arguments of ``prefix_attention_reference``, in order)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    bank_k: torch.Tensor
-    bank_v: torch.Tensor
-    prefix_ids: torch.Tensor
-    bank_offsets: torch.Tensor
-    key_padding_mask: torch.Tensor | None
-    causal: bool
-    scale: float
-
-    def args(self) -> tuple:
-        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets,
-                self.key_padding_mask, self.causal, self.scale)  # fmt: skip
-
-    def double_args(self) -> tuple:
-        """The arguments with every floating tensor widened to fp64 (exact): the oracle's inputs."""
-        return tuple(
-            a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in self.args()
-        )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
+    """:func:`attention_cases.assert_close` in fp64 (the oracle here runs in fp64)."""
+    shared_assert_close(actual, expected, tol, what, dtype=torch.float64)
 
 
 def make_case(

@@ -36,7 +36,7 @@ def naive_attention(q, k, v, bank_k, bank_v, prefix_ids, offsets, key_padding_ma
                 scores = torch.stack([(q[b, h, i].double() * kk.double()).sum() * scale for kk in keys])
                 lse[b, h, i] = torch.logsumexp(scores, 0)
                 weights = torch.softmax(scores, 0)
-                out[b, h, i] = sum(w * vv.double() for w, vv in zip(weights, values))
+                out[b, h, i] = sum(w * vv.double() for w, vv in zip(weights, values, strict=True))
     return out, lse
 
 
@@ -93,7 +93,7 @@ def test_explicit_backward_matches_autograd(causal):
     dout = torch.randn_like(out)
     want = torch.autograd.grad(out, inputs, dout)
     got = prefix_attention_reference_backward(dout, q, k, v, bank_k, bank_v, ids, offsets, mask, causal, 0.5)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
 
 

@@ -7,10 +7,9 @@ entry lengths; ``TOLERANCES`` is the one table per dtype every Triton test compa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import pytest
 import torch
+from attention_cases import Case, Tolerance, assert_close  # noqa: F401  (re-exported to the tests)
 
 from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
 
@@ -24,63 +23,11 @@ gpu = pytest.mark.skipif(
 ENTRY_LENGTHS = (0, 1, 15, 16, 17, 64, 200)
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """``atol`` is relative to the largest magnitude of the expected tensor (at least 1); ``rtol`` elementwise."""
-
-    out: float
-    lse: float
-    grad: float
-
-
 TOLERANCES = {
     torch.float32: Tolerance(out=1e-4, lse=1e-4, grad=1e-4),
     torch.float16: Tolerance(out=1e-2, lse=1e-3, grad=2e-2),
     torch.bfloat16: Tolerance(out=4e-2, lse=1e-2, grad=8e-2),
 }
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """Compare in fp32 with ``atol = tol * max(1, max|expected|)`` and ``rtol = tol``; infinities must match."""
-    actual, expected = actual.float(), expected.float()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not actual.isnan().any(), f"{what}: NaN in the result"
-    finite = expected.isfinite()
-    assert torch.equal(actual.isfinite(), finite), f"{what}: infinities differ"
-    assert torch.equal(actual[~finite], expected[~finite]), f"{what}: infinities differ in sign"
-    scale = max(1.0, expected[finite].abs().max().item()) if finite.any() else 1.0
-    torch.testing.assert_close(
-        actual[finite], expected[finite], atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}"
-    )
-
-
-@dataclass(frozen=True)
-class Case:
-    """One prefix-attention call (the arguments of ``prefix_attention_reference``, in order)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    bank_k: torch.Tensor
-    bank_v: torch.Tensor
-    prefix_ids: torch.Tensor
-    bank_offsets: torch.Tensor
-    key_padding_mask: torch.Tensor | None
-    causal: bool
-    scale: float
-
-    def args(self) -> tuple:
-        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets,
-                self.key_padding_mask, self.causal, self.scale)  # fmt: skip
-
-    def float_args(self) -> tuple:
-        """The arguments with every floating tensor in fp32 (the reference then returns fp32 results)."""
-        return tuple(
-            a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in self.args()
-        )
-
-    def with_(self, **changes) -> Case:
-        return replace(self, **changes)
 
 
 def padding_mask(batch: int, k_len: int, padding: str | None, device=DEVICE) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def cpu_name() -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("PREFIXRT_COMMIT"):
+        return os.environ["PREFIXRT_COMMIT"]  # a copied tree's .git may lag (the device machine's did)
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
@@ -108,12 +111,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import prefixrt
-    from prefixrt.engine.workload import Workload, build, measure, run_method
+    from prefixrt.engine.workload import Workload, build, matmul_floor, measure, run_method
 
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = dict(layers=2, hidden=64, heads=4, vocab=1000) if args.small else {}
     model = None
+    floors: dict[int, float] = {}  # prefix length -> seconds of the model's weight matmuls alone
     results, environment = (
         [],
         {
@@ -181,11 +185,12 @@ def run(args: argparse.Namespace) -> int:
             )
         if prefixrt.is_attached(model):
             prefixrt.detach(model)
+        floors[prefix_len] = matmul_floor(model, workload)
         reference = outputs.get("hf_attached", next(iter(outputs.values())))
         for r in results:
             if r["prefix_len"] == prefix_len:
                 r["same_tokens_as_hf_attached"] = bool(torch.equal(outputs[r["method"]], reference))
-    summary = _summarize(results, args)
+    summary = _summarize(results, args, floors)
     report = {
         "workload": {
             **Workload(
@@ -248,7 +253,7 @@ def _bind(fn, *args):
     return lambda: fn(*args)
 
 
-def _summarize(results: list[dict], args) -> list[dict]:
+def _summarize(results: list[dict], args, floors: dict[int, float]) -> list[dict]:
     summary = []
     for prefix_len in args.prefix_lengths:
         rows = {r["method"]: r for r in results if r["prefix_len"] == prefix_len}
@@ -256,6 +261,11 @@ def _summarize(results: list[dict], args) -> list[dict]:
         if ours is None:
             continue
         entry = {"prefix_len": prefix_len}
+        if prefix_len in floors:
+            # No method that runs the model's layers as they are can beat this: it bounds every speed-up.
+            entry["matmul_floor_s"] = floors[prefix_len]
+            for method, row in rows.items():
+                entry[f"most_possible_speedup_over_{method}"] = row["seconds"] / floors[prefix_len]
         targets = TARGETS["cuda" if args.device.startswith("cuda") else "cpu"]
         for baseline, target in targets.items():
             if baseline in rows:
@@ -282,6 +292,11 @@ def _print_table(results: list[dict], summary: list[dict]) -> None:
             if k.startswith("speedup_vs_") and "target_vs_" + k.removeprefix("speedup_vs_") in s
         ]
         print(f"P={s['prefix_len']}: prefixrt.generate vs " + ", ".join(parts))
+        if "matmul_floor_s" in s:
+            print(
+                f"  the model's weight matmuls alone take {s['matmul_floor_s']:.2f} s: no method can be more than "
+                f"{s.get('most_possible_speedup_over_hf_attached', float('nan')):.2f}x faster than hf_attached"
+            )
 
 
 def _plot(results: list[dict], environment: dict, path: Path) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["METHODS", "Workload", "build", "measure", "run_method"]
+__all__ = ["METHODS", "Workload", "build", "matmul_floor", "measure", "run_method"]
 
 METHODS = ("peft_style", "hf_attached", "prefixrt_generate", "prefixrt_engine")
 
@@ -180,3 +180,33 @@ def measure(fn, device: torch.device | str = "cpu") -> tuple[object, float, int 
     seconds = time.perf_counter() - start
     peak = None if before is None else (_status_kb("VmHWM") - before) * 1024
     return result, seconds, peak
+
+
+def matmul_floor(model, workload: Workload) -> float:
+    """Seconds that the model's weight matmuls alone take for the workload, on this machine now: a lower bound
+    for any method that runs the model's layers as they are (attention, caches, sampling and Python excluded).
+
+    Prefill: every layer's four projections on ``rows * prompt_len`` tokens and the LM head on the last one;
+    then ``new_tokens - 1`` decode steps of ``rows`` tokens through the projections and the LM head.
+    """
+    weights = []
+    for block in model.transformer.h:
+        for conv in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            weights.append(conv.weight)  # Conv1D: [in, out]
+    head = model.lm_head.weight.t()  # [hidden, vocab]
+    rows, device = workload.rows, head.device
+
+    def step(tokens: int):
+        inputs = [torch.randn(tokens, w.shape[0], dtype=w.dtype, device=device) for w in weights]
+        head_in = torch.randn(
+            rows, head.shape[0], dtype=head.dtype, device=device
+        )  # logits of the last tokens
+        return lambda: [x @ w for x, w in zip(inputs, weights, strict=True)] + [head_in @ head]
+
+    repeats = 4
+    with torch.no_grad():
+        prefill_step, decode_step = step(rows * workload.prompt_len), step(rows)
+        decode_step()  # warm-up
+        _, prefill, _ = measure(prefill_step, device)
+        _, decode, _ = measure(lambda: [decode_step() for _ in range(repeats)], device)
+    return prefill + (workload.new_tokens - 1) * decode / repeats

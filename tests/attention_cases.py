@@ -1,0 +1,78 @@
+"""What the kernel tests share (this module holds no tests): a call's arguments, per-dtype tolerances, and the
+comparison with the oracle. Each backend's case module (``test_cpp_cases``, ``test_triton_cases``) builds its
+own inputs and tolerance table on these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``atol`` is relative to the largest magnitude of the expected tensor (at least 1); ``rtol`` elementwise."""
+
+    out: float
+    lse: float
+    grad: float
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tol: float,
+    what: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Compare in ``dtype`` with ``atol = tol * max(1, max|expected|)`` and ``rtol = tol``; infinities must
+    match (position and sign) and the result must hold no NaN."""
+    actual, expected = actual.to(dtype), expected.to(dtype)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not actual.isnan().any(), f"{what}: NaN in the result"
+    finite = expected.isfinite()
+    assert torch.equal(actual.isfinite(), finite), f"{what}: infinities differ"
+    assert torch.equal(actual[~finite], expected[~finite]), f"{what}: infinities differ in sign"
+    scale = max(1.0, expected[finite].abs().max().item()) if finite.any() else 1.0
+    torch.testing.assert_close(
+        actual[finite], expected[finite], atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prefix-attention call (the arguments of ``prefix_attention_reference``, in order)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bank_k: torch.Tensor
+    bank_v: torch.Tensor
+    prefix_ids: torch.Tensor
+    bank_offsets: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    causal: bool
+    scale: float
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets,
+                self.key_padding_mask, self.causal, self.scale)  # fmt: skip
+
+    def args_as(self, dtype: torch.dtype) -> tuple:
+        """The arguments with every floating tensor converted to ``dtype`` (widening is exact)."""
+        return tuple(
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in self.args()
+        )
+
+    def double_args(self) -> tuple:
+        return self.args_as(torch.float64)
+
+    def float_args(self) -> tuple:
+        return self.args_as(torch.float32)
+
+    def with_(self, **changes) -> Case:
+        return replace(self, **changes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
