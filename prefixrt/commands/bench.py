@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot = args.plot or args.out.with_suffix(".png")
-    _plot(results, environment, plot)
+    _plot(results, environment, plot, summary)
     print(f"wrote {args.out} and {plot}")
     return 0
 
@@ -299,7 +299,7 @@ def _print_table(results: list[dict], summary: list[dict]) -> None:
             )
 
 
-def _plot(results: list[dict], environment: dict, path: Path) -> None:
+def _plot(results: list[dict], environment: dict, path: Path, summary: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +326,13 @@ def _plot(results: list[dict], environment: dict, path: Path) -> None:
     ):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"P={p}" for p in lengths])
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    floors = {e["prefix_len"]: e["matmul_floor_s"] for e in summary or () if "matmul_floor_s" in e}
+    tokens = {r["prefix_len"]: r["tokens"] for r in results}
+    for j, p in enumerate(lengths):
+        if p in floors:  # the speed of the weight matmuls alone: no bar can rise above it
+            axes[0].hlines(tokens[p] / floors[p], j - width / 2, j + 0.8 - width / 2, colors="black",
+                           linestyles="dashed", label="weight matmuls alone" if j == 0 else None)  # fmt: skip
+    axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(
         f"mixed-prefix generation, {environment['gpu'] or environment['cpu']} ({environment['threads']} threads), "
         f"backend {environment.get('decode_backend')}",
