@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session's checks in one command (the device machine is lent by the minute): the Triton kernel tests on
-# CUDA (bf16 included), the Triton attention benchmark, and the end-to-end generation benchmark at issue 4's GPU
+# CUDA (bf16 included) and the CUDA-graph generation tests, the Triton attention benchmark, and the end-to-end generation benchmark at issue 4's GPU
 # size (64 prefixes x 4 requests). Every step is bounded by `timeout` and logs under $OUT, so one that breaks
 # still leaves the others' results. Usage (repository root, CUDA machine): OUT=out/gpu bash benchmarks/gpu_checks.sh
 set -u
@@ -17,8 +17,9 @@ PY=${PYTHON:-python3}
 cat "$OUT/env.txt"
 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "install failed"; tail "$OUT/install.log"; }
 
-echo "== Triton tests on CUDA"
-timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -n "${WORKERS:-8}" -rfE tests/test_triton_*.py >"$OUT/triton_tests.log" 2>&1
+echo "== Triton tests and CUDA-graph generation tests on CUDA"
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -n "${WORKERS:-8}" -rfE tests/test_triton_*.py tests/test_cuda_generation.py \
+  >"$OUT/triton_tests.log" 2>&1
 echo "exit $?"; tail -n 40 "$OUT/triton_tests.log"
 
 echo "== Triton attention benchmark"
