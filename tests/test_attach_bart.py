@@ -17,7 +17,9 @@ def eager_attention(x_q, x_kv, attn, prefix_kv, visible):
     v = attn.v_proj(x_kv).view(-1, heads, head_dim).transpose(0, 1)
     k = torch.cat([prefix_kv[0], k], dim=1)
     v = torch.cat([prefix_kv[1], v], dim=1)
-    full_visible = torch.cat([torch.ones(visible.shape[0], prefix_kv.shape[2], dtype=torch.bool), visible], dim=1)
+    full_visible = torch.cat(
+        [torch.ones(visible.shape[0], prefix_kv.shape[2], dtype=torch.bool), visible], dim=1
+    )
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
     scores = scores.masked_fill(~full_visible, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v  # [H, Tq, D]
@@ -40,8 +42,9 @@ def eager_bart_row(model, bank, name, src, src_mask, dec, dec_mask):
     h = base.encoder.layernorm_embedding(h)
     for i, layer in enumerate(base.encoder.layers):
         a = layer.self_attn
-        h = layer.self_attn_layer_norm(h + eager_attention(h, h, a, site_kv("encoder", i, a.num_heads, a.head_dim),
-                                                           src_vis))
+        h = layer.self_attn_layer_norm(
+            h + eager_attention(h, h, a, site_kv("encoder", i, a.num_heads, a.head_dim), src_vis)
+        )
         h = layer.final_layer_norm(h + layer.fc2(act(layer.fc1(h))))
     enc = h
 
@@ -53,10 +56,12 @@ def eager_bart_row(model, bank, name, src, src_mask, dec, dec_mask):
     h = base.decoder.layernorm_embedding(h)
     for i, layer in enumerate(base.decoder.layers):
         a, c = layer.self_attn, layer.encoder_attn
-        h = layer.self_attn_layer_norm(h + eager_attention(h, h, a, site_kv("decoder", i, a.num_heads, a.head_dim),
-                                                           dec_vis))
-        h = layer.encoder_attn_layer_norm(h + eager_attention(h, enc, c, site_kv("cross", i, c.num_heads, c.head_dim),
-                                                              cross_vis))
+        h = layer.self_attn_layer_norm(
+            h + eager_attention(h, h, a, site_kv("decoder", i, a.num_heads, a.head_dim), dec_vis)
+        )
+        h = layer.encoder_attn_layer_norm(
+            h + eager_attention(h, enc, c, site_kv("cross", i, c.num_heads, c.head_dim), cross_vis)
+        )
         h = layer.final_layer_norm(h + layer.fc2(act(layer.fc1(h))))
     assert cfg.scale_embedding is False
     return model.lm_head(h) + model.final_logits_bias[0]
@@ -77,8 +82,14 @@ def setup():
     bank.remove("dec_only")
     g = torch.Generator().manual_seed(5)
     s = bank.spec.sites["decoder"]
-    bank.add("dec_only", {"decoder": torch.randn(s.num_layers, 2, s.num_heads, 4, s.head_dim, generator=g,
-                                                  dtype=torch.float64)})
+    bank.add(
+        "dec_only",
+        {
+            "decoder": torch.randn(
+                s.num_layers, 2, s.num_heads, 4, s.head_dim, generator=g, dtype=torch.float64
+            )
+        },
+    )
     return model, bank
 
 
@@ -90,8 +101,13 @@ def test_all_three_sites_equal_an_independent_float64_implementation(setup):
     dec_mask[1, 4:] = 0  # right padding on the decoder side
     names = ["sum", "t2t", None, "dec_only"]
     prefixrt.attach(model, bank)
-    out = model(src, attention_mask=src_mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask,
-                prefix_ids=bank.ids(names)).logits
+    out = model(
+        src,
+        attention_mask=src_mask,
+        decoder_input_ids=dec,
+        decoder_attention_mask=dec_mask,
+        prefix_ids=bank.ids(names),
+    ).logits
     for row, name in enumerate(names):
         want = eager_bart_row(model, bank, name, src[row], src_mask[row], dec[row], dec_mask[row])
         real = dec_mask[row].bool()
@@ -117,8 +133,11 @@ def test_mixed_batch_rows_equal_rows_alone(setup):
     batch = model(src, attention_mask=src_mask, decoder_input_ids=dec, prefix_ids=prefix_ids).logits
     for row in range(3):
         real = src_mask[row].bool()
-        alone = model(src[row : row + 1, real], decoder_input_ids=dec[row : row + 1],
-                      prefix_ids=prefix_ids[row : row + 1]).logits
+        alone = model(
+            src[row : row + 1, real],
+            decoder_input_ids=dec[row : row + 1],
+            prefix_ids=prefix_ids[row : row + 1],
+        ).logits
         torch.testing.assert_close(batch[row], alone[0], rtol=1e-9, atol=1e-9)
 
 
@@ -147,8 +166,9 @@ def test_detach_restores_bart(setup):
     prefixrt.attach(model, bank)
     prefixrt.detach(model)
     assert not model.model.decoder.embed_positions._forward_hooks
-    torch.testing.assert_close(model(src, attention_mask=src_mask, decoder_input_ids=dec).logits, before,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(src, attention_mask=src_mask, decoder_input_ids=dec).logits, before, rtol=0, atol=0
+    )
 
 
 def test_bart_bank_rejected_by_gpt2_and_vice_versa(setup):

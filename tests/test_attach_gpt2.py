@@ -15,8 +15,11 @@ def prefix_in_cache_logits(model, bank, name, input_ids, attention_mask, start_p
     length = kv.shape[3]
     cache = DynamicCache(config=model.config)
     for layer in range(kv.shape[0]):
-        cache.update(kv[layer, 0][None].expand(input_ids.shape[0], -1, -1, -1),
-                     kv[layer, 1][None].expand(input_ids.shape[0], -1, -1, -1), layer)
+        cache.update(
+            kv[layer, 0][None].expand(input_ids.shape[0], -1, -1, -1),
+            kv[layer, 1][None].expand(input_ids.shape[0], -1, -1, -1),
+            layer,
+        )
     mask = torch.cat([torch.ones(input_ids.shape[0], length, dtype=attention_mask.dtype), attention_mask], 1)
     kwargs = {}
     if start_position is not None:
@@ -51,7 +54,9 @@ def test_each_entry_equals_the_prefix_in_cache_formulation(setup, padding):
     elif padding == "right":
         mask[2, 5:] = 0
     names = ["long", "short", "other"]
-    expected = [prefix_in_cache_logits(model, bank, n, ids[r : r + 1], mask[r : r + 1]) for r, n in enumerate(names)]
+    expected = [
+        prefix_in_cache_logits(model, bank, n, ids[r : r + 1], mask[r : r + 1]) for r, n in enumerate(names)
+    ]
     prefixrt.attach(model, bank)
     out = model(ids, attention_mask=mask, prefix_ids=bank.ids(names)).logits
     for row in range(3):
@@ -132,8 +137,15 @@ def test_sampling_with_prefix_runs_and_is_seeded(setup):
     model, bank = setup
     ids, mask = left_padded([4, 6], 6, seed=7)
     prefixrt.attach(model, bank)
-    kwargs = dict(max_new_tokens=5, do_sample=True, top_k=20, top_p=0.9, pad_token_id=1, eos_token_id=None,
-                  num_return_sequences=2)
+    kwargs = dict(
+        max_new_tokens=5,
+        do_sample=True,
+        top_k=20,
+        top_p=0.9,
+        pad_token_id=1,
+        eos_token_id=None,
+        num_return_sequences=2,
+    )
     torch.manual_seed(0)
     first = model.generate(ids, attention_mask=mask, prefix_ids=bank.ids(["long", "short"]), **kwargs)
     torch.manual_seed(0)

@@ -3,6 +3,9 @@
 
 import pytest
 import torch
+from model_compare import NO_DROPOUT, bank_grads
+from model_compare import close as close_to
+from model_compare import on_both_backends as compare_backends
 from test_cpp_cases import TOLERANCES, cpp_kernels, one_thread  # noqa: F401  (fixtures)
 from tiny import left_padded, random_bank, random_ids, tiny_bart, tiny_gpt2
 
@@ -12,29 +15,15 @@ from prefixrt.ops.backends import get_backend
 pytestmark = pytest.mark.usefixtures("cpp_kernels", "one_thread")
 TOL = TOLERANCES[torch.float32]
 MODEL_TOL = 1e-4  # logits after a few layers: each layer's attention is within TOL.out of the oracle
-NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def on_both_backends(model, bank, run):
-    """``run(model)`` with the bank attached through the reference backend, then through the C++ kernels."""
-    results = []
-    for backend in ("reference", "cpp"):
-        prefixrt.attach(model, bank, backend=backend)
-        try:
-            results.append(run(model))
-        finally:
-            prefixrt.detach(model)
-    return results
-
-
-def bank_grads(bank, loss):
-    bank.zero_grad(set_to_none=True)
-    loss.backward()
-    return {site: p.grad.clone() for site, p in bank.kv.items()}
+    """``run(model)`` with the bank attached through the reference backend, then through the cpp backend."""
+    return compare_backends(model, bank, run, "cpp")
 
 
 def close(a, b, tol=MODEL_TOL):
-    torch.testing.assert_close(a, b, atol=tol * max(1.0, b.abs().max().item()), rtol=tol)
+    close_to(a, b, tol)
 
 
 @pytest.fixture

@@ -13,7 +13,10 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 def summed_loss(logits, labels):
     """Token cross-entropy summed (not averaged), so rows contribute independently."""
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
 
 
@@ -52,7 +55,9 @@ def test_each_task_gradient_equals_its_rows_alone():
     offsets = bank.offsets("decoder")
     for task in ("a", "b"):
         rows = [r for r, n in enumerate(names) if n == task]
-        alone = bank_grad(model, bank, ids[rows], mask[rows], labels[rows], bank.ids([task] * len(rows)))["decoder"]
+        alone = bank_grad(model, bank, ids[rows], mask[rows], labels[rows], bank.ids([task] * len(rows)))[
+            "decoder"
+        ]
         span = slice(int(offsets[bank.id_of(task)]), int(offsets[bank.id_of(task) + 1]))
         torch.testing.assert_close(mixed[:, :, :, span], alone[:, :, :, span], atol=1e-5, rtol=1e-4)
         assert alone[:, :, :, span].abs().sum() > 0

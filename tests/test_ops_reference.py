@@ -40,7 +40,9 @@ def naive_attention(q, k, v, bank_k, bank_v, prefix_ids, offsets, key_padding_ma
     return out, lse
 
 
-def make_case(batch=4, heads=2, tq=5, tk=5, dim=8, lengths=(3, 0, 4), ids=(2, -1, 0, 2), dtype=torch.float64, seed=0):
+def make_case(
+    batch=4, heads=2, tq=5, tk=5, dim=8, lengths=(3, 0, 4), ids=(2, -1, 0, 2), dtype=torch.float64, seed=0
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, tq, dim, generator=g, dtype=dtype)
     k = torch.randn(batch, heads, tk, dim, generator=g, dtype=dtype)
@@ -105,8 +107,9 @@ def test_bank_gradient_sums_rows_that_share_an_id_and_unused_entries_are_zero():
     (total,) = torch.autograd.grad(out, bank_k, dout)
     per_row = []
     for b in range(4):
-        out_b, _ = ops.prefix_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], bank_k, bank_v, ids[b : b + 1],
-                                        offsets, causal=True)
+        out_b, _ = ops.prefix_attention(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], bank_k, bank_v, ids[b : b + 1], offsets, causal=True
+        )
         per_row.append(torch.autograd.grad(out_b, bank_k, dout[b : b + 1])[0])
     torch.testing.assert_close(total, sum(per_row))
     rows_of_entry2 = slice(int(offsets[2]), int(offsets[3]))
@@ -186,7 +189,9 @@ def test_dropout_runs_on_the_reference_and_is_identity_in_expectation():
     assert not torch.allclose(out_drop, out)
     torch.manual_seed(1)
     mean = torch.stack(
-        [ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)[0]
-         for _ in range(400)]
+        [
+            ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)[0]
+            for _ in range(400)
+        ]
     ).mean(0)
     torch.testing.assert_close(mean, out, atol=0.25, rtol=0.0)

@@ -3,36 +3,23 @@ tokens (tiny GPT-2 and BART, fp32; on CPU the kernels run in Triton's interprete
 
 import pytest
 import torch
+from model_compare import NO_DROPOUT, bank_grads
+from model_compare import close as close_to
+from model_compare import on_both_backends as compare_backends
 from test_triton_cases import DEVICE, TOLERANCES
 from tiny import left_padded, random_bank, random_ids, tiny_bart, tiny_gpt2
 
-import prefixrt
-
 pytestmark = pytest.mark.slow  # whole models through the interpreter: tens of seconds each on CPU
 TOL = TOLERANCES[torch.float32]
-NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def on_both_backends(model, bank, run):
-    """``run(model)`` with the bank attached through the reference backend, then through Triton."""
-    results = []
-    for backend in ("reference", "triton"):
-        prefixrt.attach(model, bank, backend=backend)
-        try:
-            results.append(run(model))
-        finally:
-            prefixrt.detach(model)
-    return results
-
-
-def bank_grads(bank, loss):
-    bank.zero_grad(set_to_none=True)
-    loss.backward()
-    return {site: p.grad.clone() for site, p in bank.kv.items()}
+    """``run(model)`` with the bank attached through the reference backend, then through the triton backend."""
+    return compare_backends(model, bank, run, "triton")
 
 
 def close(a, b, tol=TOL.out):
-    torch.testing.assert_close(a, b, atol=tol * max(1.0, b.abs().max().item()), rtol=tol)
+    close_to(a, b, tol)
 
 
 @pytest.fixture

@@ -10,8 +10,16 @@ VOCAB = 120
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=128, bos_token_id=0,
-                  eos_token_id=1, pad_token_id=1)
+    config = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=VOCAB,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     config.update(overrides)
     model = GPT2LMHeadModel(GPT2Config(**config)).eval()
     model.requires_grad_(False)
@@ -20,10 +28,25 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
 
 def tiny_bart(seed: int = 0, **overrides) -> BartForConditionalGeneration:
     torch.manual_seed(seed)
-    config = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                  decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=128,
-                  pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
-                  forced_bos_token_id=None, dropout=0.0, attention_dropout=0.0)
+    config = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        forced_bos_token_id=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     config.update(overrides)
     model = BartForConditionalGeneration(BartConfig(**config)).eval()
     model.requires_grad_(False)

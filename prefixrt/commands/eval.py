@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefixrt.commands.model_options import add_model_options, default_device
+
 NAME = "eval"
 HELP = (
     "generate with the paper's decoding and score (BLEU/NIST/CIDEr/ROUGE/TER/chrF), per task: JSON + Markdown"
@@ -40,17 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a local model directory or a built-in config (gpt2-tiny, ..., bart-large) with --model-seed; "
         "repeat (without --bank) to evaluate several fine-tuned models (default: gpt2-tiny)",
     )
-    model.add_argument(
-        "--model-seed", type=int, default=0, help="weight seed of a built-in model (default 0)"
-    )
-    model.add_argument(
-        "--model-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config field of a built-in model, as given to prefixrt train",
-    )
-    model.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else ../shared/data)")
+    add_model_options(model)
     model.add_argument(
         "--bank",
         action="append",
@@ -58,7 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a prefix bank (prefixrt train --out); repeat for several runs to average (e.g. seeds). "
         "Without --bank the plain model is evaluated (a fine-tuned model)",
     )
-    model.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -122,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
 
     import prefixrt
     from prefixrt.commands.train import parse_pair
@@ -150,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_examples is not None and args.max_examples < 1:
         raise ValueError("--max-examples must be >= 1")
     overrides = parse_overrides(args.model_config)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
 
     data = {}
     for name, path in tasks:

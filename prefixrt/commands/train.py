@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefixrt.commands.model_options import add_model_options, default_device
+
 NAME = "train"
 HELP = "train prefixes (several tasks in one mixed run) on src/tgt data and write them into a prefix bank"
 
@@ -40,21 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a local model directory (from_pretrained) or a built-in config with seeded random weights: "
         "gpt2-tiny, gpt2-small, gpt2-medium, bart-tiny, bart-base, bart-large (default: gpt2-tiny)",
     )
-    model.add_argument(
-        "--model-seed", type=int, default=0, help="weight seed of a built-in model (default: 0)"
-    )
-    model.add_argument(
-        "--model-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config field of a built-in model (e.g. initializer_range=0.1); repeat for several",
-    )
-    model.add_argument(
-        "--tokenizer",
-        help="tokenizer directory (default: the model's, else ../shared/data/{gpt2,bart}-tokenizer)",
-    )
-    model.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_model_options(model)
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -234,8 +222,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    import torch
-
     from prefixrt.tasks import KIND_DEFAULTS, encode_examples, kind_of, layout_for, load_examples
     from prefixrt.train.distributed import init_from_env
     from prefixrt.train.models import load_model_and_tokenizer, parse_overrides
@@ -261,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dev_generate and not dev_paths:
         raise ValueError("--dev-generate needs dev data (--dev NAME=PATH)")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dist = init_from_env(device)
