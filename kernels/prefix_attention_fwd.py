@@ -46,6 +46,45 @@ def causal_key_ranges(m0, TQ, TK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, offs_m, offs_n, k_ptrs, v_ptrs, mask_ptrs, end, causal_shift, qk_scale,
+    BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold one block of keys ``offs_n`` into ``(acc, l_i, m_i)``. Without ``BOUNDED``, ``CAUSAL`` and ``HAS_MASK``
+    every key of the block is visible: no load masks, no ``where``s, and ``m`` is finite after it (the hot path
+    of long prefixes and of the own keys left of the diagonal)."""
+    if BOUNDED:
+        valid_n = offs_n < end
+        k = tl.load(k_ptrs, mask=valid_n[None, :], other=0.0)
+    else:
+        valid_n = offs_n >= 0  # all true; only read when masked by the mask below
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_MASK:
+        valid_n = valid_n & (tl.load(mask_ptrs, mask=valid_n, other=0) != 0)
+    if BOUNDED or CAUSAL or HAS_MASK:
+        visible = valid_n[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        s = tl.where(visible, s, float("-inf"))
+        # a row that has seen nothing yet keeps m = -inf and contributes exp2(-inf) = 0
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if BOUNDED:
+        v = tl.load(v_ptrs, mask=valid_n[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_range(
     acc,
     l_i,
@@ -70,36 +109,28 @@ def _attend_range(
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Fold keys ``[start, end)`` of one K/V sequence into the running ``(acc, l_i, m_i)`` (base-2 scores)."""
+    """Fold keys ``[start, end)`` of one K/V sequence into the running ``(acc, l_i, m_i)`` (base-2 scores):
+    the whole blocks without bounds checks, then the partial last block (if any) with them."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = K_BASE + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [D, BLOCK_N]
     v_ptrs = V_BASE + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, D]
     mask_ptrs = MASK_BASE + offs_n * stride_maskn
-    for _ in range(start, end, BLOCK_N):
-        valid_n = offs_n < end
-        # -- scores [BLOCK_M, BLOCK_N]
-        k = tl.load(k_ptrs, mask=valid_n[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASK:
-            valid_n = valid_n & (tl.load(mask_ptrs, mask=valid_n, other=0) != 0)
-            mask_ptrs += BLOCK_N * stride_maskn
-        visible = valid_n[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-        s = tl.where(visible, s, float("-inf"))
-        # -- online softmax; a row that has seen nothing yet keeps m = -inf and contributes exp2(-inf) = 0
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=valid_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    whole_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for _ in range(start, whole_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, offs_m, offs_n, k_ptrs, v_ptrs, mask_ptrs, end, causal_shift, qk_scale,
+            False, CAUSAL, HAS_MASK, DOT_PRECISION,
+        )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        mask_ptrs += BLOCK_N * stride_maskn
         offs_n += BLOCK_N
+    if whole_end < end:
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, offs_m, offs_n, k_ptrs, v_ptrs, mask_ptrs, end, causal_shift, qk_scale,
+            True, CAUSAL, HAS_MASK, DOT_PRECISION,
+        )  # fmt: skip
     return acc, l_i, m_i
 
 
