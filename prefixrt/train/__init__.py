@@ -3,9 +3,11 @@
 baseline :func:`finetune` (the same loop, the whole model trained) and checkpoints that resume bit for bit."""
 
 from prefixrt.train.checkpoint import CheckpointError, load_checkpoint, load_tuner, save_checkpoint
+from prefixrt.train.config import TrainConfig, TrainResult
 from prefixrt.train.distributed import Dist, init_from_env
 from prefixrt.train.finetune import finetune
-from prefixrt.train.loop import TrainConfig, TrainResult, lm_loss, train
+from prefixrt.train.loop import train
+from prefixrt.train.loss import lm_loss
 from prefixrt.train.tuner import PrefixTuner, PrefixView
 
 __all__ = [

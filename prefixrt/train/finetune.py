@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from prefixrt.tasks import Encoded
+from prefixrt.train.config import TrainConfig, TrainResult
 from prefixrt.train.distributed import Dist
-from prefixrt.train.loop import TrainConfig, TrainResult, run_training
+from prefixrt.train.loop import run_training
 
 __all__ = ["finetune"]
 

@@ -17,23 +17,24 @@ are summed with ``all_reduce``, and the normalization and the per-task update ru
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prefixrt.fileio import atomic_write, atomic_write_text
 from prefixrt.tasks import Collator, Encoded, MixedTaskBatchSampler, MixedTaskDataset, layout_for
 from prefixrt.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prefixrt.train.config import TrainConfig, TrainResult
+from prefixrt.train.dev import DevSet
 from prefixrt.train.distributed import Dist, all_reduce_grads
+from prefixrt.train.loss import lm_loss, target_tokens
+from prefixrt.train.loss_log import LossLog, plot_losses
 from prefixrt.train.tuner import PrefixTuner
 
 __all__ = [
@@ -63,104 +64,6 @@ _TRAJECTORY_FIELDS = (
     "betas",
     "eps",
 )
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of :func:`train`.
-
-    Attributes
-    ----------
-    lr : float
-        Peak learning rate of AdamW.
-    batch_size : int
-        Rows per batch (all tasks mixed); with several processes, the global batch (each process runs
-        ``batch_size / world_size`` rows).
-    epochs : int
-        Passes over the union of the tasks' rows (ignored when ``max_steps`` is set).
-    max_steps : int, optional
-        Total optimizer steps; the schedule decays to 0 at this step.
-    warmup_steps : int
-        Linear warm-up from 0 to ``lr``, then linear decay to 0 (``get_linear_schedule_with_warmup``).
-    weight_decay : float
-        AdamW's decoupled weight decay (the paper's code: 0).
-    max_grad_norm : float or None
-        Clip each task's gradient to this norm (None: no clipping).
-    seed : int
-        Seeds the batch order (per epoch) and the global RNG (dropout) at the start of a run.
-    gradient_checkpointing : bool
-        Recompute the frozen model's activations in the backward pass (non-reentrant checkpointing).
-    log_every : int
-        Steps between rows of the loss log (each row averages the steps since the last one).
-    save_every : int, optional
-        Steps between checkpoints (with a checkpoint directory); one is always written at the end.
-    betas, eps : AdamW's.
-    """
-
-    lr: float = 5e-5
-    batch_size: int = 5
-    epochs: int = 5
-    max_steps: int | None = None
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 101
-    gradient_checkpointing: bool = False
-    log_every: int = 10
-    save_every: int | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 1 or self.log_every < 1:
-            raise ValueError("batch_size, epochs and log_every must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.save_every is not None and self.save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {self.save_every}")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0 and warmup_steps >= 0")
-        self.betas = tuple(self.betas)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` did.
-
-    Attributes
-    ----------
-    step : int
-        Optimizer steps done in total (including those of a resumed run).
-    total_steps : int
-        Steps the schedule was planned for.
-    log : list of dict
-        The loss log rows (``step``, ``epoch``, ``lr``, ``loss`` and one loss per task, plus ``dev_loss``,
-        ``dev_loss/<task>`` and eval-hook values on evaluation rows), resumed rows included.
-    checkpoint : Path or None
-        The last checkpoint written.
-    log_path, plot_path : Path or None
-    trainable_parameters : int
-        Number of trained parameters (the tuner's, or the whole model's when fine-tuning).
-    """
-
-    step: int
-    total_steps: int
-    log: list[dict[str, float]] = field(default_factory=list)
-    checkpoint: Path | None = None
-    log_path: Path | None = None
-    plot_path: Path | None = None
-    trainable_parameters: int = 0
-
-    @property
-    def final_loss(self) -> float:
-        """The last logged training loss."""
-        losses = [r["loss"] for r in self.log if not math.isnan(r.get("loss", math.nan))]
-        return losses[-1] if losses else math.nan
-
-    @property
-    def dev(self) -> list[dict[str, float]]:
-        """The evaluation rows (those with ``dev_loss`` or eval-hook values), first to last."""
-        return [r for r in self.log if any(k.startswith("dev_") and not math.isnan(v) for k, v in r.items())]
 
 
 def linear_warmup_schedule(
@@ -199,75 +102,6 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> bool:
     return bool(was)
 
 
-def lm_loss(
-    model: nn.Module,
-    batch: Mapping[str, torch.Tensor],
-    prefix_ids: torch.Tensor | None,
-    reduction: str = "mean",
-    **model_kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the target tokens of a batch, and its per-row sums.
-
-    Parameters
-    ----------
-    model : attached GPT-2 or BART (``GPT2LMHeadModel`` / ``BartForConditionalGeneration``)
-    batch : dict
-        ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` ([B, T] causal, aligned with the inputs and
-        ``-100`` on source and padding; [B, L] seq2seq decoder targets).
-    prefix_ids : LongTensor [B] or None
-        The rows' prefix ids on an attached model; None for a plain (e.g. fine-tuned) model.
-    reduction : ``"mean"`` or ``"sum"``
-        Mean over the batch's target tokens, or their sum.
-    **model_kwargs
-        Passed to the model (e.g. ``prefix_source``).
-
-    Returns
-    -------
-    loss : Tensor []
-        Mean (what ``model(..., labels=...).loss`` gives) or sum over all target tokens of the batch.
-    row_loss : Tensor [B]
-        Summed cross-entropy per row (detached).
-    row_tokens : Tensor [B]
-        Target tokens per row.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    labels = batch["labels"]
-    kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"], **model_kwargs}
-    if prefix_ids is not None:
-        kwargs["prefix_ids"] = prefix_ids
-    # The base model, then the LM head at target positions only: the [B, T, vocab] logits of every position
-    # (most of them source or padding) are never built.
-    base = model.base_model
-    if model.config.is_encoder_decoder:
-        from transformers.models.bart.modeling_bart import shift_tokens_right
-
-        kwargs["decoder_input_ids"] = shift_tokens_right(
-            labels, model.config.pad_token_id, model.config.decoder_start_token_id
-        )
-        hidden = base(batch["input_ids"], use_cache=False, **kwargs).last_hidden_state  # [B, L, d]
-        targets = labels
-    else:
-        hidden = base(batch["input_ids"], use_cache=False, **kwargs).last_hidden_state[:, :-1]  # [B, T-1, d]
-        targets = labels[:, 1:]
-    valid = targets != -100  # [B, T']
-    rows = valid.nonzero()[:, 0]  # [N] row of each target token
-    logits = model.get_output_embeddings()(hidden[valid])  # [N, vocab]
-    bias = getattr(model, "final_logits_bias", None)  # BART
-    if bias is not None:
-        logits = logits + bias[0].to(logits.dtype)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    token_loss = nn.functional.cross_entropy(logits, targets[valid], reduction="none")  # [N]
-    row_tokens = valid.sum(dim=1)
-    row_loss = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
-    row_loss.index_add_(0, rows, token_loss.detach())
-    loss = token_loss.sum()
-    if reduction == "mean":
-        loss = loss / row_tokens.sum().clamp(min=1)
-    return loss, row_loss, row_tokens
-
-
 def _data_fingerprint(data: Mapping[str, Sequence[Encoded]]) -> str:
     h = hashlib.sha256()
     for name, rows in data.items():
@@ -275,148 +109,6 @@ def _data_fingerprint(data: Mapping[str, Sequence[Encoded]]) -> str:
         for row in rows:
             h.update(repr((row.input_ids, row.labels)).encode())
     return h.hexdigest()[:16]
-
-
-def _target_tokens(labels: torch.Tensor, layout: str) -> torch.Tensor:
-    """Target tokens per row, ``[B]``: what :func:`lm_loss` averages over (causal labels are shifted by one)."""
-    targets = labels[:, 1:] if layout == "causal" else labels
-    return (targets != -100).sum(dim=1)
-
-
-class _LossLog:
-    """The CSV loss log: one row per ``log_every`` steps, rewritten atomically (small file).
-
-    Training rows carry ``loss`` and ``loss/<task>`` (each averages the target tokens of the steps since the
-    last row); dev evaluations add ``dev_loss``, ``dev_loss/<task>`` and whatever an eval hook returns, to the
-    row of their step (a row of its own when no training row has that step, e.g. step 0).
-    """
-
-    def __init__(self, path: Path | None, tasks: list[str]):
-        self.path, self.tasks = path, tasks
-        self.columns = ["step", "epoch", "lr", "loss", *[f"loss/{t}" for t in tasks]]
-        self.rows: list[dict[str, float]] = []
-        self._reset_window()
-
-    def _reset_window(self) -> None:
-        self.loss_sum, self.tokens = 0.0, 0
-        self.task_sum = dict.fromkeys(self.tasks, 0.0)
-        self.task_tokens = dict.fromkeys(self.tasks, 0)
-
-    def window(self) -> dict[str, Any]:
-        """The steps not yet logged (saved in checkpoints, so a resumed run logs exactly the same rows)."""
-        return {
-            "loss_sum": self.loss_sum,
-            "tokens": self.tokens,
-            "task_sum": self.task_sum,
-            "task_tokens": self.task_tokens,
-        }
-
-    def resume(self, step: int, window: Mapping[str, Any] | None) -> None:
-        """Keep the rows of an earlier run up to ``step`` (a run may have logged past its last checkpoint)."""
-        if window:
-            self.loss_sum, self.tokens = window["loss_sum"], window["tokens"]
-            self.task_sum.update(window["task_sum"])
-            self.task_tokens.update(window["task_tokens"])
-        if self.path is None or not self.path.is_file():
-            return
-        with self.path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            self.columns.extend(c for c in reader.fieldnames or () if c not in self.columns)
-            for row in reader:
-                if int(row["step"]) <= step:  # empty cells: values the row never had (as in memory)
-                    self.rows.append({k: float(v) for k, v in row.items() if v != ""})
-
-    def add_totals(self, task_sum: Mapping[str, float], task_tokens: Mapping[str, int]) -> None:
-        """Add one step's summed cross-entropy and target tokens per task."""
-        for task in self.tasks:
-            self.loss_sum += task_sum[task]
-            self.tokens += task_tokens[task]
-            self.task_sum[task] += task_sum[task]
-            self.task_tokens[task] += task_tokens[task]
-
-    def add(self, tasks: list[str], row_loss: torch.Tensor, row_tokens: torch.Tensor) -> None:
-        """Add one step's per-row summed cross-entropy and target tokens."""
-        task_sum, task_tokens = dict.fromkeys(self.tasks, 0.0), dict.fromkeys(self.tasks, 0)
-        for task, loss, tokens in zip(tasks, row_loss.tolist(), row_tokens.tolist(), strict=True):
-            task_sum[task] += loss
-            task_tokens[task] += tokens
-        self.add_totals(task_sum, task_tokens)
-
-    def flush(self, step: int, epoch: float, lr: float) -> dict[str, float] | None:
-        if self.tokens == 0:
-            return None
-        row = {"step": step, "epoch": epoch, "lr": lr, "loss": self.loss_sum / self.tokens}
-        for t in self.tasks:
-            row[f"loss/{t}"] = self.task_sum[t] / self.task_tokens[t] if self.task_tokens[t] else math.nan
-        self.rows.append(row)
-        self._reset_window()
-        self.write()
-        return row
-
-    def record(self, step: int, epoch: float, values: Mapping[str, float]) -> dict[str, float]:
-        """Add ``values`` (dev metrics) to the row of ``step``, or to a new row."""
-        if self.rows and self.rows[-1]["step"] == step:
-            row = self.rows[-1]
-        else:
-            row = {"step": step, "epoch": epoch}
-            self.rows.append(row)
-        for key, value in values.items():
-            if key not in self.columns:
-                self.columns.append(key)
-            row[key] = float(value)
-        self.write()
-        return row
-
-    def write(self) -> None:
-        if self.path is None:
-            return
-        lines = [",".join(self.columns)]
-        for row in self.rows:
-            values = (row.get(c, math.nan) for c in self.columns)
-            lines.append(",".join("" if math.isnan(v) else repr(v) for v in values))
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
-
-
-def plot_losses(
-    rows: Sequence[Mapping[str, float]],
-    tasks: Sequence[str],
-    path: str | os.PathLike,
-    title: str = "prefix-tuning loss",
-) -> bool:
-    """Write the loss curve (all tasks, each task, and the dev loss when logged) as a PNG; False when matplotlib
-    is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-
-    def series(key: str) -> tuple[list[float], list[float]]:
-        points = [(r["step"], r[key]) for r in rows if not math.isnan(r.get(key, math.nan))]
-        return [s for s, _ in points], [v for _, v in points]
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*series("loss"), label="train (all tasks)", linewidth=2)
-    if len(tasks) > 1:
-        for t in tasks:
-            ax.plot(*series(f"loss/{t}"), label=f"train {t}", linewidth=1)
-    steps, dev = series("dev_loss")
-    if dev:
-        ax.plot(steps, dev, "o--", label="dev (all tasks)", linewidth=2)
-        if len(tasks) > 1:
-            for t in tasks:
-                ax.plot(*series(f"dev_loss/{t}"), "x:", label=f"dev {t}", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (target tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return True
 
 
 class _PrefixTarget:
@@ -633,7 +325,7 @@ def run_training(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
     scheduler = linear_warmup_schedule(optimizer, config.warmup_steps, total_steps)
-    log = _LossLog(Path(log_path) if log_path is not None and dist.is_main else None, task_names)
+    log = LossLog(Path(log_path) if log_path is not None and dist.is_main else None, task_names)
 
     step = 0
     if resume and checkpoint_path.is_file():
@@ -663,7 +355,7 @@ def run_training(
     task_index = {t: i for i, t in enumerate(task_names)}
     dev = None
     if dev_data:
-        dev = _DevSet(dev_data, collate, task_names, config.batch_size, layout, dist)
+        dev = DevSet(dev_data, collate, task_names, config.batch_size, layout, dist)
 
     def evaluate() -> None:
         metrics: dict[str, float] = {}
@@ -712,7 +404,7 @@ def run_training(
                 counts = torch.zeros(len(task_names) + 1, dtype=torch.float64, device=device)
                 if batch is not None:
                     tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-                    tokens = _target_tokens(tensors["labels"], layout)
+                    tokens = target_tokens(tensors["labels"], layout)
                     for task in batch["tasks"]:
                         counts[task_index[task]] += 1
                     counts[-1] = float(tokens.sum())
@@ -780,38 +472,6 @@ def run_training(
         if plot_losses(log.rows, task_names, plot_path, title=f"{target.title} loss"):
             result.plot_path = Path(plot_path)
     return result
-
-
-class _DevSet:
-    """Dev rows in fixed batches, sharded over processes; :meth:`loss` gives the mean target cross-entropy."""
-
-    def __init__(self, data, collate, task_names, batch_size, layout, dist):
-        self.dataset = MixedTaskDataset(data)
-        self.collate, self.tasks, self.dist = collate, task_names, dist
-        # Sorted by length: less padding. Batch k goes to process k % world_size.
-        order = sorted(range(len(self.dataset)), key=lambda i: len(self.dataset[i].input_ids))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        self.batches = batches[dist.rank :: dist.world_size]
-
-    def loss(self, model: nn.Module, target: Any) -> dict[str, float]:
-        device = target.device
-        index = {t: i for i, t in enumerate(self.tasks)}
-        stats = torch.zeros(2, len(self.tasks), dtype=torch.float64, device=device)
-        for indices in self.batches:
-            batch = self.collate([self.dataset[i] for i in indices])
-            tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-            prefix_ids = target.prefix_ids(batch["task_ids"].to(device))
-            _, row_loss, row_tokens = lm_loss(model, tensors, prefix_ids, reduction="sum")
-            rows = torch.tensor([index[t] for t in batch["tasks"]], device=device)
-            stats[0].index_add_(0, rows, row_loss.to(stats.dtype))
-            stats[1].index_add_(0, rows, row_tokens.to(stats.dtype))
-        self.dist.all_reduce_(stats)
-        sums, toks = stats.tolist()
-        out = {"dev_loss": sum(sums) / max(sum(toks), 1)}
-        for t, i in index.items():
-            if toks[i]:
-                out[f"dev_loss/{t}"] = sums[i] / toks[i]
-        return out
 
 
 def _check_resumable(checkpoint, config: TrainConfig, fingerprint: str, total_steps: int) -> None:
