@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixrt.fileio import atomic_write
+from prefixrt.fileio import atomic_write, read_tagged_safetensors
 from prefixrt.spec import ModelSpec
 
 __all__ = ["PrefixBank", "BankFileError"]
@@ -328,26 +328,16 @@ class PrefixBank(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> PrefixBank:
         """Read a bank written by :meth:`save`; raises :class:`BankFileError` for a missing or corrupt file."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise BankFileError(f"bank file {str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as err:  # safetensors raises several types for truncated or foreign files
-            raise BankFileError(f"{str(path)!r} is not a readable safetensors file ({err})") from err
-        if metadata.get("format") != FORMAT_NAME:
-            raise BankFileError(
-                f"{str(path)!r} is not a prefixrt bank (metadata format={metadata.get('format')!r})"
-            )
-        if metadata.get("version") != FORMAT_VERSION:
-            raise BankFileError(
-                f"{str(path)!r} has bank format version {metadata.get('version')!r}; "
-                f"this prefixrt reads version {FORMAT_VERSION}"
-            )
+        metadata, tensors = read_tagged_safetensors(
+            path,
+            FORMAT_NAME,
+            FORMAT_VERSION,
+            BankFileError,
+            missing="bank file",
+            kind="bank",
+            version_kind="bank",
+        )
         try:
             spec = ModelSpec.from_json(metadata["spec"])
             entries = json.loads(metadata["entries"])

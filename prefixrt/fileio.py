@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written bank, checkpoint or report."""
+"""Atomic file writes (a reader never sees a half-written bank, checkpoint or report), and the checked read of
+the tagged safetensors files that banks and checkpoints are."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_tagged_safetensors"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
@@ -44,3 +45,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_tagged_safetensors(
+    path: Path,
+    format_name: str,
+    format_version: str,
+    error: type[Exception],
+    *,
+    missing: str,
+    kind: str,
+    version_kind: str,
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(metadata, tensors)`` of a safetensors file whose metadata says ``format=format_name`` and
+    ``version=format_version``; raises ``error`` naming the file when it is missing ("<missing> '<path>' does
+    not exist"), unreadable, not a prefixrt ``kind``, or of another ``version_kind`` format version."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise error(f"{missing} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises several types for truncated or foreign files
+        raise error(f"{str(path)!r} is not a readable safetensors file ({err})") from err
+    if metadata.get("format") != format_name:
+        raise error(f"{str(path)!r} is not a prefixrt {kind} (metadata format={metadata.get('format')!r})")
+    if metadata.get("version") != format_version:
+        raise error(
+            f"{str(path)!r} has {version_kind} format version {metadata.get('version')!r}; "
+            f"this prefixrt reads version {format_version}"
+        )
+    return metadata, tensors

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixrt.fileio import atomic_write
+from prefixrt.fileio import atomic_write, read_tagged_safetensors
 from prefixrt.spec import ModelSpec
 from prefixrt.train.tuner import PrefixTuner
 
@@ -201,26 +201,16 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike) -> TrainCheckpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError` when it is not one."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"training checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises several types for truncated or foreign files
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from err
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{str(path)!r} is not a prefixrt training checkpoint (metadata format={metadata.get('format')!r})"
-        )
-    if metadata.get("version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} has checkpoint format version {metadata.get('version')!r}; this prefixrt reads "
-            f"version {FORMAT_VERSION}"
-        )
+    metadata, tensors = read_tagged_safetensors(
+        path,
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        CheckpointError,
+        missing="training checkpoint",
+        kind="training checkpoint",
+        version_kind="checkpoint",
+    )
     try:
         spec = ModelSpec.from_json(metadata["spec"])
         tuner_config = json.loads(metadata["tuner"])
