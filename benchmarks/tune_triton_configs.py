@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_triton_attention import DECODE, PREFILL, make_workload  # noqa: E402
+from bench_triton_attention import DECODE, PREFILL, graph_ms, make_workload  # noqa: E402
 
 from prefixrt.ops.triton_configs import KernelConfig, smem_bytes  # noqa: E402
 from prefixrt.ops.triton_decode import prefix_decode  # noqa: E402
@@ -43,16 +43,6 @@ def candidates(kind: str) -> list[KernelConfig]:
         if smem_bytes(config, 64, 2, "bwd" if kind == "bwd" else "fwd") <= SMEM_LIMIT:
             out.append(config)
     return out
-
-
-def time_graph(fn) -> float | None:
-    from triton.testing import do_bench_cudagraph
-
-    try:
-        return do_bench_cudagraph(fn, rep=30)
-    except Exception as err:  # a config that fails to compile or to capture
-        print(f"    failed: {type(err).__name__}: {str(err)[:120]}", flush=True)
-        return None
 
 
 def sweep(kind: str, top: int) -> list[dict]:
@@ -84,10 +74,10 @@ def sweep(kind: str, top: int) -> list[dict]:
             except Exception as err:
                 print(f"  {label}: failed: {type(err).__name__}: {str(err)[:120]}", flush=True)
                 continue
-            ms = time_graph(fn)
+            ms = graph_ms(fn, rep=30)
             if ms is not None:
                 rows.append({"config": label, "ms": ms, "max_abs_diff_vs_default": diff})
-        default_ms = time_graph(lambda: run(None))
+        default_ms = graph_ms(lambda: run(None), rep=30)
     rows.sort(key=lambda r: r["ms"])
     print(f"== {kind}: default {default_ms:.4f} ms", flush=True)
     for r in rows[:top]:
