@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from prefixrt import ops
-from prefixrt.ops.cpp_backend import cpp_backward, cpp_forward
+from prefixrt.ops.cpp.backend import cpp_backward, cpp_forward
 from prefixrt.ops.reference import prefix_attention_reference_backward
 
 HEADS, HEAD_DIM, PREFIX_LEN = 12, 64, 200
@@ -279,7 +279,7 @@ def versions() -> dict:
         except Exception:  # noqa: BLE001  (git or a compiler missing: just say so)
             return "unknown"
 
-    from prefixrt.ops.cpp_build import simd_target
+    from prefixrt.ops.cpp.build import simd_target
 
     return {
         "commit": run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"]),

@@ -1,6 +1,6 @@
 """Issue 4 "Speed": end-to-end mixed-prefix generation, prefixrt vs the usual ways, in one session.
 
-Workload (:mod:`prefixrt.engine.workload`): GPT-2-small size (12 layers, 768 wide, 12 heads; seeded random
+Workload (:mod:`prefixrt.bench.generation`): GPT-2-small size (12 layers, 768 wide, 12 heads; seeded random
 weights), 8 prefixes x 4 requests, 32-token prompts, 64 new tokens, greedy, P = 10 and 200. Cases, per P:
 ``peft_style`` (one batch per prefix, prefix copied into a DynamicCache, mask extended: what PEFT does),
 ``hf_attached`` (HF generate() on the attached model, one mixed batch), ``prefixrt_generate``,
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import prefixrt
-from prefixrt.engine.workload import METHODS, Workload, build, run_method
+from prefixrt.bench.generation import METHODS, Workload, build, run_method
 
 SMALL = dict(layers=2, hidden=64, heads=4, vocab=1000) if os.environ.get("PREFIXRT_BENCH_SMALL") else {}
 _outputs: dict = {}

@@ -19,7 +19,7 @@ cat "$OUT/env.txt"
 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "install failed"; tail "$OUT/install.log"; }
 
 echo "== Triton tests and CUDA-graph generation tests on CUDA"
-timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -n "${WORKERS:-8}" -rfE tests/test_triton_*.py tests/test_cuda_generation.py \
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -n "${WORKERS:-8}" -rfE tests/ops/test_triton_*.py tests/hf/test_triton_model.py tests/engine/test_cuda_generation.py \
   >"$OUT/triton_tests.log" 2>&1
 echo "exit $?"; tail -n 40 "$OUT/triton_tests.log"
 

@@ -1,6 +1,6 @@
 """Sweep block configurations of the Triton kernels on this GPU at the benchmark's shapes.
 
-The launchers pick from short fixed lists (``prefixrt.ops.triton_configs``) with no autotuner, so that a choice
+The launchers pick from short fixed lists (``prefixrt.ops.triton.configs``) with no autotuner, so that a choice
 is deterministic and every entry is tested. This script times candidate configurations (forced through each
 launcher's ``config=``) on the shapes of ``bench_triton_attention.py`` -- forward, backward and decode -- with
 CUDA-graph timing (GPU time, no launch overhead), checks each output against the default configuration's, and
@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_triton_attention import DECODE, PREFILL, graph_ms, make_workload  # noqa: E402
 
-from prefixrt.ops.triton_configs import KernelConfig, smem_bytes  # noqa: E402
-from prefixrt.ops.triton_decode import prefix_decode  # noqa: E402
-from prefixrt.ops.triton_launch import prefix_attention_bwd, prefix_attention_fwd  # noqa: E402
+from prefixrt.ops.triton.configs import KernelConfig, smem_bytes  # noqa: E402
+from prefixrt.ops.triton.decode import prefix_decode  # noqa: E402
+from prefixrt.ops.triton.launch import prefix_attention_bwd, prefix_attention_fwd  # noqa: E402
 
 SMEM_LIMIT = 220 * 1024  # Hopper's per-block limit is 227 KiB
 

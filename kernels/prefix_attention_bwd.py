@@ -5,7 +5,7 @@ P is recomputed from the forward's log-sum-exp (natural log, converted to base 2
 program per (key block of a used entry, head, row split) loops, in sorted order, over the rows that use the
 entry and accumulates in fp32; nothing is written twice and there are no atomics.
 
-Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton_launch`.
+Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton.launch`.
 """
 
 import triton

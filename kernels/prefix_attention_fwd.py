@@ -5,7 +5,7 @@ into a prefix length of 0 (no masks built from loaded scalars, see KERNELS.md). 
 kernel (``qk_scale = scale * log2(e)``); the stored log-sum-exp is natural-log, fp32, ``-inf`` for a query that
 sees no key (its output is 0).
 
-Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton_launch`.
+Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton.launch`.
 """
 
 import triton

@@ -11,7 +11,7 @@ Three kernels, Hydragen / FlashInfer-cascade style:
    prefix; rows with id ``-1`` are in no group). With a single chunk the split kernel merges itself.
 
 Partials are fp32 outputs normalised within their part plus a natural-log LSE (``-inf`` when the part saw no
-key). Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton_decode`.
+key). Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton.decode`.
 """
 
 import triton

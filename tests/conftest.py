@@ -10,8 +10,7 @@ if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere: kernels then run on CPU tensors in the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("PREFIXRT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+from support.paths import SHARED_DATA  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """``prefixrt bench generate``: issue 4's end-to-end generation benchmark, baselines in the same run.
 
-Builds the workload of :mod:`prefixrt.engine.workload` (GPT-2-small size, random weights, N prefixes x M requests,
+Builds the workload of :mod:`prefixrt.bench.generation` (GPT-2-small size, random weights, N prefixes x M requests,
 32-token prompts, 64 new tokens, greedy) for each prefix length, runs every method (PEFT-style per-prefix batches,
 HF ``generate()`` on the attached model, ``prefixrt.generate``, ``prefixrt.Engine``), checks they produce the same
 tokens, prints a table, and writes JSON (device, versions, commit, date, load average, figures, targets) and a
@@ -28,7 +28,7 @@ TARGETS = {"cpu": {"peft_style": 3.0, "hf_attached": 1.5}, "cuda": {"peft_style"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from prefixrt.engine.workload import METHODS
+    from prefixrt.bench.generation import METHODS
 
     sub = parser.add_subparsers(dest="bench", required=True)
     g = sub.add_parser("generate", help="end-to-end generation (issue 4)", description=__doc__)
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import prefixrt
-    from prefixrt.engine.workload import Workload, build, matmul_floor, measure, run_method
+    from prefixrt.bench.generation import Workload, build, matmul_floor, measure, run_method
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,7 +236,7 @@ def _warm_up(args, model, bank, input_ids, prefix_ids, workload) -> None:
     """Run each method once, untimed, with a few new tokens: Triton compiles its kernels on first use."""
     import dataclasses
 
-    from prefixrt.engine.workload import run_method
+    from prefixrt.bench.generation import run_method
 
     tokens = (
         args.warmup_tokens if args.warmup_tokens is not None else (4 if args.device.startswith("cuda") else 0)

@@ -1,10 +1,10 @@
 """The generation engine: ``generate`` (drop-in for HF ``generate()`` on an attached model) and ``Engine``
 (continuous batching over a bounded K/V pool, streaming, abort, bank changes while running)."""
 
-from prefixrt.engine.config import UnsupportedGenerationArgument
 from prefixrt.engine.engine import Engine, RequestOutput, RequestStatus, TokenEvent
 from prefixrt.engine.generate import generate
 from prefixrt.engine.params import SamplingParams
+from prefixrt.hf.generation.config import UnsupportedGenerationArgument
 
 __all__ = [
     "Engine",

@@ -8,7 +8,7 @@ tokens, positions and slot indices copied into static buffers. It re-captures wh
 -- e.g. when the attention backend synchronizes with the host (the reference backend does), which is not
 allowed while capturing.
 
-Tested on a GPU by ``tests/test_cuda_generation.py`` (captured steps give the eager tokens and HF generate()'s;
+Tested on a GPU by ``tests/engine/test_cuda_generation.py`` (captured steps give the eager tokens and HF generate()'s;
 passed on an H200, see benchmarks/results/gpu_h200.md); on CPU only the fallback runs.
 """
 

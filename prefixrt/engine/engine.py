@@ -42,17 +42,17 @@ import torch
 from torch import nn
 
 from prefixrt.bank import PrefixBank
-from prefixrt.engine import config as cfg
+from prefixrt.bank.spec import ModelSpec
 from prefixrt.engine.bankview import BankView
 from prefixrt.engine.batch import Batch
 from prefixrt.engine.capture import maybe_graphed_decode
 from prefixrt.engine.params import SamplingParams
-from prefixrt.engine.processors import build_processors
-from prefixrt.engine.runners import runner_for
 from prefixrt.engine.sampling import base_seed, row_generators, select
 from prefixrt.hf.attach import POSITION_OFFSETS, is_attached
-from prefixrt.ops.backends import resolve_name
-from prefixrt.spec import ModelSpec
+from prefixrt.hf.generation import config as cfg
+from prefixrt.hf.generation.processors import build_processors
+from prefixrt.hf.models import runner_for
+from prefixrt.ops.registry import resolve_name
 
 __all__ = ["Engine", "RequestOutput", "RequestStatus", "TokenEvent"]
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from prefixrt.engine import config as cfg
 from prefixrt.engine.bankview import BankView
 from prefixrt.engine.batch import Batch
 from prefixrt.engine.beam import BeamSearch
 from prefixrt.engine.capture import maybe_graphed_decode
-from prefixrt.engine.processors import build_processors
-from prefixrt.engine.runners import runner_for
 from prefixrt.engine.sampling import base_seed, row_generators, select
 from prefixrt.hf import binding_of
+from prefixrt.hf.generation import config as cfg
+from prefixrt.hf.generation.processors import build_processors
+from prefixrt.hf.models import runner_for
 
 __all__ = ["generate"]
 
@@ -59,8 +59,8 @@ def generate(
         Generation settings (``max_new_tokens``, ``min_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
         ``top_p``, ``repetition_penalty``, ``num_beams``, ``length_penalty``, ``early_stopping``,
         ``num_return_sequences``, ``bad_words_ids``, ``eos_token_id``, ``pad_token_id``, ...; see
-        :data:`prefixrt.engine.config.HONORED`). Anything else raises
-        :class:`~prefixrt.engine.config.UnsupportedGenerationArgument` naming it.
+        :data:`prefixrt.hf.generation.config.HONORED`). Anything else raises
+        :class:`~prefixrt.hf.generation.config.UnsupportedGenerationArgument` naming it.
 
     Returns
     -------

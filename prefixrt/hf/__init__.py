@@ -2,5 +2,14 @@
 extension points (attention and mask registries, ``prepare_inputs_for_generation``)."""
 
 from prefixrt.hf.attach import PrefixSource, attach, attention_sites, binding_of, detach, is_attached
+from prefixrt.hf.text_prefix import add_text_prefix
 
-__all__ = ["PrefixSource", "attach", "attention_sites", "binding_of", "detach", "is_attached"]
+__all__ = [
+    "PrefixSource",
+    "add_text_prefix",
+    "attach",
+    "attention_sites",
+    "binding_of",
+    "detach",
+    "is_attached",
+]

@@ -7,7 +7,7 @@
 2. each attention module gets two plain attributes: its ``(site, layer)`` and the binding (bank + backend);
 3. forward pre-hooks that validate ``prefix_ids`` and shift positions (:mod:`prefixrt.hf.positions`);
 4. an instance-level ``prepare_inputs_for_generation`` that passes ``prefix_ids`` to every step
-   (:mod:`prefixrt.hf.generation`).
+   (:mod:`prefixrt.hf.generation.prepare`).
 
 The model's weights are not touched and the KV cache holds only real tokens: prefixes are read from the bank
 by id at every step.
@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from prefixrt.bank import PrefixBank
-from prefixrt.hf import attention, generation, positions
-from prefixrt.ops.backends import resolve_name
-from prefixrt.spec import ModelSpec
+from prefixrt.bank.spec import ModelSpec
+from prefixrt.hf import attention, positions
+from prefixrt.hf.generation import prepare as generation
+from prefixrt.ops.registry import resolve_name
 
 __all__ = ["attach", "detach", "is_attached", "PrefixBinding", "PrefixSource", "attention_sites"]
 
@@ -167,7 +168,7 @@ def attach(
     bank.check_compatible(ModelSpec.from_config(model.config))
     backend = resolve_name(backend)
     if backend != "auto":
-        from prefixrt.ops.backends import get_backend
+        from prefixrt.ops.registry import get_backend
 
         get_backend(backend)  # fail now, with the reason, if it is not available on this machine
     param = next(model.parameters())

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["text_prefix_kv", "text_ids"]
+__all__ = ["add_text_prefix", "text_prefix_kv", "text_ids"]
 
 
 def text_ids(text_or_ids: Any, tokenizer: Any = None, vocab_size: int | None = None) -> torch.Tensor:
@@ -118,6 +118,14 @@ def text_prefix_kv(model: nn.Module, text_or_ids: Any, tokenizer: Any = None) ->
             return _bart_kv(model, ids, extra)
     finally:
         model.train(was_training)
+
+
+def add_text_prefix(
+    bank: Any, name: str, text_or_ids: Any, model: nn.Module, tokenizer: Any = None, replace: bool = False
+) -> int:
+    """Add to ``bank`` the K/V of a real text prompt computed once through the frozen ``model`` (a cached discrete
+    prompt, shared like a learned prefix; also the paper's "initialize from real words"); returns its id."""
+    return bank.add(name, text_prefix_kv(model, text_or_ids, tokenizer), replace=replace)
 
 
 def _output_cache(outputs: Any) -> Any:

@@ -11,7 +11,8 @@ import importlib
 
 from prefixrt.ops import reference_backend as _reference_backend  # noqa: F401  (registers "reference")
 from prefixrt.ops.attention import check_attention_inputs, prefix_attention
-from prefixrt.ops.backends import (
+from prefixrt.ops.reference import gather_prefix, prefix_attention_reference
+from prefixrt.ops.registry import (
     AttentionCall,
     Backend,
     BackendUnavailable,
@@ -21,12 +22,11 @@ from prefixrt.ops.backends import (
     resolve_name,
     select_backend,
 )
-from prefixrt.ops.reference import gather_prefix, prefix_attention_reference
 
 _import_errors: dict[str, str] = {}
 
 # Optional backends: each module registers itself when its toolchain is present.
-for _name, _module in (("triton", "prefixrt.ops.triton_backend"), ("cpp", "prefixrt.ops.cpp_backend")):
+for _name, _module in (("triton", "prefixrt.ops.triton.backend"), ("cpp", "prefixrt.ops.cpp.backend")):
     try:
         importlib.import_module(_module)
     except ModuleNotFoundError as _err:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from prefixrt.ops.backends import AttentionCall, select_backend
 from prefixrt.ops.library import prefix_attention_op
 from prefixrt.ops.reference import prefix_attention_reference
+from prefixrt.ops.registry import AttentionCall, select_backend
 
 __all__ = ["prefix_attention", "check_attention_inputs"]
 

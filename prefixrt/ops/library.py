@@ -2,14 +2,14 @@
 
 Registering it as a custom op (with a fake implementation and an autograd formula) lets ``torch.compile``
 treat prefix attention as a single opaque node, whatever backend runs inside. The backend is a string
-argument, resolved by :mod:`prefixrt.ops.backends`.
+argument, resolved by :mod:`prefixrt.ops.registry`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from prefixrt.ops.backends import get_backend
+from prefixrt.ops.registry import get_backend
 
 
 @torch.library.custom_op("prefixrt::prefix_attention", mutates_args=())

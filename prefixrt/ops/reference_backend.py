@@ -1,4 +1,4 @@
-"""The reference backend: the plain-torch oracle wrapped as a :class:`~prefixrt.ops.backends.Backend`.
+"""The reference backend: the plain-torch oracle wrapped as a :class:`~prefixrt.ops.registry.Backend`.
 
 Its backward is the explicit softmax backward of the oracle (tested against autograd through the oracle).
 It accepts every call (any device, dtype, head dim; dropout too).
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from prefixrt.ops.backends import AttentionCall, Backend, register_backend
 from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
+from prefixrt.ops.registry import AttentionCall, Backend, register_backend
 
 
 def reference_forward(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale):

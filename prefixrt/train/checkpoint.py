@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefixrt.bank.spec import ModelSpec
 from prefixrt.fileio import atomic_write, read_tagged_safetensors
-from prefixrt.spec import ModelSpec
 from prefixrt.train.tuner import PrefixTuner
 
 __all__ = ["CheckpointError", "TrainCheckpoint", "load_checkpoint", "load_tuner", "save_checkpoint"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prefixrt.spec import SiteSpec
+from prefixrt.bank.spec import SiteSpec
 
 __all__ = ["MLPPrefix", "DirectPrefix"]
 

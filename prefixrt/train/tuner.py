@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from prefixrt.bank import PrefixBank
-from prefixrt.spec import ModelSpec
+from prefixrt.bank.spec import ModelSpec
 from prefixrt.train.reparam import DirectPrefix, MLPPrefix
 
 __all__ = ["PrefixTuner", "PrefixView"]

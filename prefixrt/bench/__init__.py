@@ -1,0 +1,1 @@
+"""Benchmark workloads behind ``prefixrt bench`` (the top floor: they use everything below)."""

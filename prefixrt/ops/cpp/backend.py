@@ -1,0 +1,124 @@
+"""The C++ CPU backend: fused prefix attention from ``csrc/`` that reads the packed bank in place.
+
+Registered as ``"cpp"`` with priority 50 on CPU, so ``"auto"`` prefers it over the reference for CPU
+tensors whenever it accepts the call (see ``benchmarks/bench_cpp_attention.py`` and
+``benchmarks/results/cpu_attention.md`` for the measured speedups that justify the rank). It refuses:
+
+* tensors not on the CPU;
+* dtypes other than float32, bfloat16 and float16 (the reference keeps float64 for oracle tests);
+* attention dropout (only the reference implements it);
+* every call, when the kernels cannot be built here (no compiler, no ninja, no sources): the reason is
+  given once as a warning (``"auto"`` then falls back to the reference) and in the
+  :class:`~prefixrt.ops.registry.BackendUnavailable` that ``backend="cpp"`` raises.
+
+The kernels are compiled on first use (``prefixrt.ops.cpp.build``), not at import: importing prefixrt stays
+fast and never needs a compiler.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from prefixrt.ops.cpp import build as cpp_build
+from prefixrt.ops.registry import AttentionCall, Backend, register_backend
+
+__all__ = ["cpp_forward", "cpp_backward", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_warned = False
+
+
+def cpp_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bank_k: torch.Tensor,
+    bank_v: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    bank_offsets: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix attention forward in C++.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, H, Tq, D]``; k, v : Tensor ``[B, H, Tk, D]``
+        Any strides; views whose last dim is contiguous (HF's transposed views) are read in place.
+    bank_k, bank_v : Tensor ``[H, S, D]``
+    prefix_ids : LongTensor ``[B]`` (-1 = none); bank_offsets : LongTensor ``[N + 1]``
+    key_padding_mask : BoolTensor ``[B, Tk]`` or None
+    causal : bool; scale : float
+
+    Returns
+    -------
+    out : Tensor ``[B, H, Tq, D]`` in ``q.dtype``; lse : Tensor ``[B, H, Tq]`` fp32, natural log.
+    """
+    kernels = cpp_build.load_kernels()
+    with torch.no_grad():
+        return kernels.forward(
+            q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, bool(causal), float(scale)
+        )
+
+
+def cpp_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bank_k: torch.Tensor,
+    bank_v: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    bank_offsets: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix attention backward in C++ (probabilities recomputed from ``lse``, the bank read in place).
+
+    Parameters are :func:`cpp_forward`'s plus ``dout [B, H, Tq, D]`` and the forward's ``out`` and ``lse``.
+
+    Returns
+    -------
+    dq ``[B, H, Tq, D]``, dk, dv ``[B, H, Tk, D]``, dbank_k, dbank_v ``[H, S, D]``, in the inputs' dtype;
+    the bank gradients summed over the rows that share an entry (deterministically), zero for unused entries.
+    """
+    kernels = cpp_build.load_kernels()
+    with torch.no_grad():
+        return kernels.backward(
+            dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, bool(causal),
+            float(scale), out, lse,
+        )  # fmt: skip
+
+
+def _refuse(call: AttentionCall) -> str | None:
+    global _warned
+    if call.device_type != "cpu":
+        return f"the C++ kernels run on CPU tensors only, got {call.device_type}"
+    if call.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {call.dtype} is not supported (float32, bfloat16, float16)"
+    if call.dropout_p > 0.0:
+        return "attention dropout is implemented by the reference backend only"
+    module, reason = cpp_build.kernels_or_reason()
+    if module is None:
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"prefixrt: the C++ CPU kernels are unavailable ({reason}); "
+                "CPU attention falls back to the reference backend",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return f"the C++ kernels are unavailable: {reason}"
+    return None
+
+
+register_backend(
+    Backend(name="cpp", forward=cpp_forward, backward=cpp_backward, refuse=_refuse, priority={"cpu": 50})
+)

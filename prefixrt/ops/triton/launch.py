@@ -1,0 +1,243 @@
+"""Launchers of the Triton prefix-attention kernels (forward and backward): check inputs, allocate, launch.
+
+The kernels themselves live in :mod:`prefixrt.kernels`; the decode path is in
+:mod:`prefixrt.ops.triton.decode` and the sort-by-id plans in :mod:`prefixrt.ops.triton.tables`.
+Conventions are those of :mod:`prefixrt.ops.reference` (``lse`` natural-log fp32, ``-inf`` where a query
+sees no key). No launcher synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from prefixrt.kernels.prefix_attention_bwd import (
+    prefix_attention_bwd_bank_kernel,
+    prefix_attention_bwd_dkdv_kernel,
+    prefix_attention_bwd_dq_kernel,
+    prefix_attention_bwd_preprocess_kernel,
+)
+from prefixrt.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
+from prefixrt.ops.triton.configs import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    KernelConfig,
+    pick_bwd_config,
+    pick_fwd_config,
+)
+from prefixrt.ops.triton.tables import DecodePlan, bank_tiles, segments_for
+
+__all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "DecodePlan", "LOG2E"]
+
+LOG2E = 1.4426950408889634
+MAX_BANK_WORKSPACE = 256 * 2**20
+
+
+def check_supported(q: torch.Tensor) -> None:
+    """Raise ``ValueError`` when the kernels cannot take ``q``'s dtype or head dim."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q: Triton kernels take dtypes {SUPPORTED_DTYPES}, got {q.dtype}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: Triton kernels take head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (like the reference); 16-bit inputs use tensor cores anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """``(tensor, stride_b, stride_n, has_mask)`` for a kernel's MASK argument (a uint8 view, no copy)."""
+    if key_padding_mask is None:
+        return q, 0, 0, False
+    mask = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.bool()
+    mask = mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def _launch_opts(config: KernelConfig) -> dict:
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def prefix_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bank_k: torch.Tensor,
+    bank_v: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    bank_offsets: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill / training forward of prefix attention with the Triton kernel.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, H, Tq, D]`` (any strides)
+    k, v : Tensor ``[B, H, Tk, D]`` (any strides)
+    bank_k, bank_v : Tensor ``[H, S, D]`` (any strides)
+    prefix_ids : LongTensor ``[B]`` (``-1`` = no prefix)
+    bank_offsets : LongTensor ``[N + 1]``
+    key_padding_mask : BoolTensor ``[B, Tk]`` or None (True = attend)
+    causal : bool
+    scale : float
+    config : KernelConfig, optional
+        Forces a block configuration (tests use it to exercise every entry of ``FWD_CONFIGS``).
+
+    Returns
+    -------
+    out : Tensor ``[B, H, Tq, D]``, ``q.dtype``, contiguous
+    lse : Tensor ``[B, H, Tq]``, fp32, natural log
+    """
+    check_supported(q)
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[2]
+    out = torch.empty(batch, heads, tq, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, tq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    config = config or pick_fwd_config(tq, head_dim, q.dtype, q.is_cuda)
+    mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
+    grid = (triton.cdiv(tq, config.block_m), heads, batch)
+    prefix_attention_fwd_kernel[grid](
+        q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
+        *out.stride(), *lse.stride(),
+        tq, tk, bank_offsets.shape[0] - 1, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
+        HAS_MASK=has_mask, DOT_PRECISION=dot_precision(q.dtype), **_launch_opts(config),
+    )  # fmt: skip
+    return out, lse
+
+
+def prefix_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bank_k: torch.Tensor,
+    bank_v: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    bank_offsets: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    config: KernelConfig | None = None,
+    bank_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of prefix attention: ``(dq, dk, dv, dbank_k, dbank_v)``, deterministic.
+
+    Four launches: ``Delta = rowsum(dO * O)``; dQ over each row's prefix and own keys; dK/dV of the own keys;
+    the bank gradient, one program per (bank tile of a used entry, head, row split) looping over the rows that
+    use the entry in sorted order (no atomics; entries no row uses stay zero). With ``bank_splits > 1`` the
+    rows of an entry are cut into that many chunks whose fp32 partial sums are added in a fixed order.
+
+    Parameters
+    ----------
+    dout : Tensor ``[B, H, Tq, D]``
+    q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale
+        As in :func:`prefix_attention_fwd`.
+    out : Tensor ``[B, H, Tq, D]``, lse : Tensor ``[B, H, Tq]`` fp32
+        The forward's results.
+    config : KernelConfig, optional
+        Forces a block configuration of ``BWD_CONFIGS``.
+    bank_splits : int, optional
+        Row chunks per bank tile (default: enough programs to fill the device, at most 8).
+
+    Returns
+    -------
+    dq ``[B, H, Tq, D]``, dk ``[B, H, Tk, D]``, dv ``[B, H, Tk, D]`` in their inputs' dtypes;
+    dbank_k, dbank_v ``[H, S, D]`` in the bank's dtype (accumulated in fp32).
+    """
+    check_supported(q)
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[2]
+    config = config or pick_bwd_config(tq, head_dim, q.dtype, q.is_cuda)
+    opts = _launch_opts(config)
+    mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
+    n_entries = bank_offsets.shape[0] - 1
+    precision = dot_precision(q.dtype)
+    qk_scale = scale * LOG2E
+
+    dq = torch.empty(batch, heads, tq, head_dim, dtype=q.dtype, device=q.device)
+    dk = torch.empty(batch, heads, tk, head_dim, dtype=k.dtype, device=q.device)
+    dv = torch.empty(batch, heads, tk, head_dim, dtype=v.dtype, device=q.device)
+    dbank_k = torch.zeros(bank_k.shape, dtype=bank_k.dtype, device=q.device)
+    dbank_v = torch.zeros(bank_v.shape, dtype=bank_v.dtype, device=q.device)
+    if batch * heads == 0 or tq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbank_k, dbank_v
+
+    # -- Delta = rowsum(dO * O) [B, H, Tq] fp32
+    delta = torch.empty(batch, heads, tq, dtype=torch.float32, device=q.device)
+    q_grid = (triton.cdiv(tq, config.block_m), heads, batch)
+    prefix_attention_bwd_preprocess_kernel[q_grid](
+        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), tq,
+        HEAD_DIM=head_dim, BLOCK_M=config.block_m,
+    )  # fmt: skip
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision)
+
+    # -- dQ: one program per (query block, row, head), over the row's prefix and own keys
+    prefix_attention_bwd_dq_kernel[q_grid](
+        q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
+        *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
+        tq, tk, n_entries, qk_scale, scale,
+        CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
+    )  # fmt: skip
+
+    # -- dK/dV of the own keys: one program per (key block, row, head)
+    if tk > 0:
+        prefix_attention_bwd_dkdv_kernel[(triton.cdiv(tk, config.block_n), heads, batch)](
+            q, k, v, mask, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), smb, smn,
+            *dout.stride(), *lse.stride(), *delta.stride(), *dk.stride(), *dv.stride(),
+            tq, tk, qk_scale, scale,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
+        )  # fmt: skip
+
+    # -- bank gradient: sort-by-id segmented reduction, one program per (tile of a used entry, head, split)
+    if n_entries == 0 or bank_k.shape[1] == 0:
+        return dq, dk, dv, dbank_k, dbank_v
+    segments = segments_for(prefix_ids, bank_offsets)
+    tiles = bank_tiles(segments, bank_k.shape[1], config.block_n)
+    splits = bank_splits or _default_bank_splits(tiles.bound * heads, batch, q, bank_k.numel())
+    if splits == 1:
+        acc_k, acc_v = dbank_k, dbank_v
+        ws_stride = 0
+    else:
+        acc_k = torch.zeros(splits, *bank_k.shape, dtype=torch.float32, device=q.device)
+        acc_v = torch.zeros_like(acc_k)
+        ws_stride = acc_k.stride(0)
+    prefix_attention_bwd_bank_kernel[(tiles.bound, heads, splits)](
+        q, bank_k, bank_v, dout, lse, delta, acc_k, acc_v,
+        bank_offsets, segments.order, segments.seg_offsets, tiles.entry, tiles.block,
+        *q.stride(), *bank_k.stride(), *bank_v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
+        ws_stride, *acc_k.stride()[-3:], *acc_v.stride()[-3:],
+        tq, n_entries, splits, qk_scale, scale, **common, **opts,
+    )  # fmt: skip
+    if splits > 1:
+        dbank_k = acc_k.sum(0).to(bank_k.dtype)
+        dbank_v = acc_v.sum(0).to(bank_v.dtype)
+    return dq, dk, dv, dbank_k, dbank_v
+
+
+def _default_bank_splits(programs: int, batch: int, q: torch.Tensor, bank_numel: int) -> int:
+    """Row chunks per bank tile: enough programs for about two waves of the device's SMs, at most 8, and
+    an fp32 workspace (``2 * splits * H * S * D`` values) of at most :data:`MAX_BANK_WORKSPACE` bytes."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    splits = 1
+    while (
+        splits < 8
+        and splits * 2 <= batch
+        and programs * splits < 2 * sms
+        and 2 * (splits * 2) * bank_numel * 4 <= MAX_BANK_WORKSPACE
+    ):
+        splits *= 2
+    return splits
