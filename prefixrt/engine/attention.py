@@ -21,13 +21,14 @@ import torch
 
 from prefixrt import ops
 from prefixrt.engine.plan import Grouping, PrefixGroups
+from prefixrt.ops import BankLayer, StepPlan
 
-__all__ = ["PrefixPart", "SharedPart", "OwnPart", "decode_attention", "merge_partials"]
+__all__ = ["NoPrefix", "OwnPart", "PrefixPart", "SharedPart", "decode_attention", "merge_partials"]
 
 
 @dataclass
 class PrefixPart:
-    """The bank prefixes of one (site, layer): ``banks[view] = (bank_k, bank_v, offsets)``, ``[H, S, D]``."""
+    """The bank prefixes of one (site, layer): ``banks[view]`` is that view's BankLayer (``[H, S, D]``)."""
 
     plan: PrefixGroups
     banks: dict
@@ -53,25 +54,29 @@ class OwnPart:
     mask: torch.Tensor | None
 
 
-def _no_prefix(batch: int, device) -> torch.Tensor:
-    return torch.full((batch,), -1, dtype=torch.long, device=device)
+@dataclass(frozen=True)
+class NoPrefix:
+    """What the calls without a prefix read: an empty bank layer and a plan of ``-1`` rows per row count."""
+
+    bank: BankLayer
+    plans: dict  # rows -> StepPlan
+
+    @staticmethod
+    def like(heads: int, head_dim: int, dtype: torch.dtype, device) -> NoPrefix:
+        empty = torch.empty(heads, 0, head_dim, dtype=dtype, device=device)
+        return NoPrefix(BankLayer(empty, empty, torch.zeros(1, dtype=torch.long, device=device)), {})
+
+    def plan(self, rows: int) -> StepPlan:
+        if rows not in self.plans:
+            ids = torch.full((rows,), -1, dtype=torch.long)
+            self.plans[rows] = StepPlan.build(ids, [], device=self.bank.offsets.device)
+        return self.plans[rows]
 
 
-def _call(q, k, v, bank, prefix_ids, mask, scale, backend):
+def _call(q, k, v, bank: BankLayer, plan: StepPlan, mask, scale, backend):
     """One op call, ``q [B, H, Tq, D]``; returns ``(out, lse)``."""
-    bank_k, bank_v, offsets = bank
     return ops.prefix_attention(
-        q,
-        k,
-        v,
-        bank_k,
-        bank_v,
-        prefix_ids,
-        offsets,
-        key_padding_mask=mask,
-        causal=False,
-        scale=scale,
-        backend=backend,
+        q, k, v, bank, plan, key_padding_mask=mask, causal=False, scale=scale, backend=backend
     )
 
 
@@ -80,7 +85,7 @@ def decode_attention(
     prefix: PrefixPart | None,
     shared: SharedPart | None,
     own: OwnPart | None,
-    any_bank: tuple,
+    none: NoPrefix,
     scale: float,
     backend: str,
 ) -> torch.Tensor:
@@ -90,7 +95,7 @@ def decode_attention(
     ----------
     q : Tensor ``[n, H, D]``
     prefix, shared, own : the parts (any may be None)
-    any_bank : ``(bank_k, bank_v, offsets)`` of some view, passed with id ``-1`` to the calls without a prefix
+    none : the empty bank and ``-1`` plans the calls without a prefix read
     scale : float
     backend : str
 
@@ -98,40 +103,24 @@ def decode_attention(
     -------
     Tensor ``[n, H, D]`` in ``q.dtype``.
     """
-    n, heads, head_dim = q.shape
+    n = q.shape[0]
     partials = []
     if prefix is not None:
         partials.append(_prefix_partial(q, prefix, scale, backend))
     if shared is not None:
         if shared.grouping is None:
             out, lse = _call(
-                q[:, :, None],
-                shared.k,
-                shared.v,
-                any_bank,
-                _no_prefix(n, q.device),
-                shared.mask,
-                scale,
-                backend,
+                q[:, :, None], shared.k, shared.v, none.bank, none.plan(n), shared.mask, scale, backend
             )
             partials.append((out[:, :, 0], lse[:, :, 0]))
         else:
             qg = shared.grouping.to_groups(q)
             out, lse = _call(
-                qg,
-                shared.k,
-                shared.v,
-                any_bank,
-                _no_prefix(qg.shape[0], q.device),
-                shared.mask,
-                scale,
-                backend,
+                qg, shared.k, shared.v, none.bank, none.plan(qg.shape[0]), shared.mask, scale, backend
             )
             partials.append(shared.grouping.to_rows(out, lse))
     if own is not None:
-        out, lse = _call(
-            q[:, :, None], own.k, own.v, any_bank, _no_prefix(n, q.device), own.mask, scale, backend
-        )
+        out, lse = _call(q[:, :, None], own.k, own.v, none.bank, none.plan(n), own.mask, scale, backend)
         partials.append((out[:, :, 0], lse[:, :, 0]))
     return merge_partials(partials).to(q.dtype)
 
@@ -143,15 +132,13 @@ def _prefix_partial(q, prefix: PrefixPart, scale, backend):
     groups = qg.shape[0]
     empty = q.new_empty(groups, q.shape[1], 0, q.shape[2])
     if len(plan.views) == 1:
-        bank = prefix.banks[plan.views[0][0]]
-        out, lse = _call(qg, empty, empty, bank, plan.ids, None, scale, backend)
+        view, _, step = plan.views[0]
+        out, lse = _call(qg, empty, empty, prefix.banks[view], step, None, scale, backend)
     else:
         out = q.new_zeros(qg.shape)
         lse = torch.full(qg.shape[:3], float("-inf"), device=q.device)
-        for view, sel in plan.views:
-            o, s = _call(
-                qg[sel], empty[sel], empty[sel], prefix.banks[view], plan.ids[sel], None, scale, backend
-            )
+        for view, sel, step in plan.views:
+            o, s = _call(qg[sel], empty[sel], empty[sel], prefix.banks[view], step, None, scale, backend)
             out[sel], lse[sel] = o, s
     out, lse = plan.grouping.to_rows(out, lse)
     if plan.rows is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from prefixrt.bank import PrefixBank
+from prefixrt.ops import BankLayer, StepPlan
 
 __all__ = ["BankView"]
 
@@ -49,10 +50,15 @@ class BankView:
         names = [bank.name_of(i) if i in live else None for i in range(bank.num_slots)]
         return BankView(bank.version, kv, offsets, lengths, names)
 
-    def layer(self, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(bank_k [H, S, D], bank_v [H, S, D], offsets [slots + 1])`` of one (site, layer), views."""
+    def layer(self, site: str, layer: int) -> BankLayer:
+        """The bank layer of one (site, layer): ``k``, ``v`` ``[H, S, D]`` views and ``offsets [slots + 1]``."""
         kv = self.kv[site]
-        return kv[layer, 0], kv[layer, 1], self.offsets[site]
+        return BankLayer(kv[layer, 0], kv[layer, 1], self.offsets[site])
+
+    def plan(self, site: str, prefix_ids: list[int]) -> StepPlan:
+        """The step plan of rows reading ``prefix_ids`` (host ints, ``-1`` = none) at ``site``: no device sync."""
+        device = self.offsets[site].device
+        return StepPlan.build(torch.tensor(prefix_ids, dtype=torch.long), self.lengths[site], device=device)
 
     def length(self, site: str, prefix_id: int) -> int:
         """Prefix length of ``prefix_id`` at ``site`` (0 for ``-1``)."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from prefixrt import ops
-from prefixrt.engine.attention import OwnPart, PrefixPart, SharedPart, decode_attention
+from prefixrt.engine.attention import NoPrefix, OwnPart, PrefixPart, SharedPart, decode_attention
 from prefixrt.engine.bankview import BankView
 from prefixrt.engine.kv import KVStore
 from prefixrt.engine.plan import Grouping, PrefixGroups
@@ -92,6 +92,7 @@ class Batch:
         self.row_item: list[int] = []
         self.row_pos: list[int] = []  # position id of the next token each row feeds (prefix shift included)
         self.views: dict[int, BankView] = {}
+        self.no_prefix = NoPrefix.like(runner.heads, runner.head_dim, runner.dtype, runner.device)
         self._plan: dict | None = None
 
     # -- composition --------------------------------------------------------------------------------------------
@@ -177,13 +178,21 @@ class Batch:
                     pid if pid >= 0 and self.views[v].length(site, pid) > 0 else -1
                     for pid, v in zip(row_prefix, row_view, strict=True)
                 ]
-                prefix[site] = PrefixGroups.of(ids, row_view, device)
+                prefix[site] = PrefixGroups.of(
+                    ids,
+                    row_view,
+                    device,
+                    lambda key, group_ids, site=site: self.views[key].plan(site, group_ids),
+                )
             one_row_per_item = self.row_item == list(range(self.n_items))
+            view = row_view[0] if len(set(row_view)) == 1 else None
             self._plan = {
                 "prefix": prefix,
                 "items": None if one_row_per_item else Grouping.of(self.row_item, self.n_items, device),
-                "ids": torch.tensor(row_prefix, dtype=torch.long, device=device),
-                "view": row_view[0] if len(set(row_view)) == 1 else None,
+                "steps": {}
+                if view is None
+                else {site: self.views[view].plan(site, row_prefix) for site in self.runner.decode_sites},
+                "view": view,
             }
         return self._plan
 
@@ -191,10 +200,7 @@ class Batch:
         plan = self.plan()["prefix"][site]
         if plan is None:
             return None
-        return PrefixPart(plan, {key: self.views[key].layer(site, layer) for key, _ in plan.views})
-
-    def _any_bank(self, site: str, layer: int) -> tuple:
-        return next(iter(self.views.values())).layer(site, layer)
+        return PrefixPart(plan, {key: self.views[key].layer(site, layer) for key, *_ in plan.views})
 
     # -- attention ----------------------------------------------------------------------------------------------
     def _single_call(self, plan: dict) -> bool:
@@ -207,15 +213,12 @@ class Batch:
         plan = self.plan()
         k, v, mask = self.stores["gen"].view(layer, full)
         if self._single_call(plan):
-            bank_k, bank_v, offsets = self.views[plan["view"]].layer("decoder", layer)
             out, _ = ops.prefix_attention(
                 q[:, :, None],
                 k,
                 v,
-                bank_k,
-                bank_v,
-                plan["ids"],
-                offsets,
+                self.views[plan["view"]].layer("decoder", layer),
+                plan["steps"]["decoder"],
                 key_padding_mask=mask,
                 causal=True,
                 scale=scale,
@@ -231,7 +234,7 @@ class Batch:
             self._prefix_part("decoder", layer),
             shared,
             OwnPart(k, v, mask),
-            self._any_bank("decoder", layer),
+            self.no_prefix,
             scale,
             self.backend,
         )
@@ -241,15 +244,12 @@ class Batch:
         plan = self.plan()
         k, v, mask = self.stores["src"].view(layer, full)
         if self._single_call(plan):
-            bank_k, bank_v, offsets = self.views[plan["view"]].layer("cross", layer)
             out, _ = ops.prefix_attention(
                 q[:, :, None],
                 k,
                 v,
-                bank_k,
-                bank_v,
-                plan["ids"],
-                offsets,
+                self.views[plan["view"]].layer("cross", layer),
+                plan["steps"]["cross"],
                 key_padding_mask=mask,
                 causal=False,
                 scale=scale,
@@ -257,11 +257,10 @@ class Batch:
             )
             return out[:, :, 0]
         prefix = self._prefix_part("cross", layer)
-        bank = self._any_bank("cross", layer)
         if self.fused:  # rows are items: the source is the row's own part
-            return decode_attention(q, prefix, None, OwnPart(k, v, mask), bank, scale, self.backend)
+            return decode_attention(q, prefix, None, OwnPart(k, v, mask), self.no_prefix, scale, self.backend)
         return decode_attention(
-            q, prefix, SharedPart(k, v, mask, plan["items"]), None, bank, scale, self.backend
+            q, prefix, SharedPart(k, v, mask, plan["items"]), None, self.no_prefix, scale, self.backend
         )
 
     # -- stepping -----------------------------------------------------------------------------------------------

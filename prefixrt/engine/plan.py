@@ -9,9 +9,12 @@ scatters the results back to rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from prefixrt.ops import StepPlan
 
 __all__ = ["Grouping", "PrefixGroups"]
 
@@ -84,8 +87,9 @@ class PrefixGroups:
         Over those ``m`` rows.
     ids : LongTensor ``[G]``
         The prefix id of each group.
-    views : list[tuple[int, LongTensor | None]]
-        ``(view key, groups of that view or None for all)``; usually one entry.
+    views : list[tuple[int, LongTensor | None, StepPlan]]
+        ``(view key, groups of that view or None for all, the op's plan for those groups' ids)``; usually one
+        entry.
     """
 
     n: int
@@ -95,8 +99,11 @@ class PrefixGroups:
     views: list
 
     @staticmethod
-    def of(prefix_ids: list[int], view_keys: list[int], device) -> PrefixGroups | None:
-        """Plan for rows with ids ``prefix_ids`` read from views ``view_keys``; None if no row has a prefix."""
+    def of(
+        prefix_ids: list[int], view_keys: list[int], device, plan_for: Callable[[int, list[int]], StepPlan]
+    ) -> PrefixGroups | None:
+        """Plan for rows with ids ``prefix_ids`` read from views ``view_keys``; None if no row has a prefix.
+        ``plan_for(view_key, group_ids)`` builds the op's :class:`~prefixrt.ops.StepPlan` of a view's groups."""
         with_prefix = [r for r, pid in enumerate(prefix_ids) if pid >= 0]
         if not with_prefix:
             return None
@@ -107,16 +114,12 @@ class PrefixGroups:
         ids = torch.tensor([pid for _, pid in keys], dtype=torch.long, device=device)
         view_set = sorted({v for v, _ in keys})
         if len(view_set) == 1:
-            views = [(view_set[0], None)]
+            views = [(view_set[0], None, plan_for(view_set[0], [pid for _, pid in keys]))]
         else:
-            views = [
-                (
-                    v,
-                    torch.tensor(
-                        [g for g, key in enumerate(keys) if key[0] == v], dtype=torch.long, device=device
-                    ),
-                )
-                for v in view_set
-            ]
+            views = []
+            for v in view_set:
+                mine = [g for g, key in enumerate(keys) if key[0] == v]
+                sel = torch.tensor(mine, dtype=torch.long, device=device)
+                views.append((v, sel, plan_for(v, [keys[g][1] for g in mine])))
         rows = None if len(with_prefix) == len(prefix_ids) else torch.tensor(with_prefix, device=device)
         return PrefixGroups(len(prefix_ids), rows, grouping, ids, views)

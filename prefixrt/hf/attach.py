@@ -25,6 +25,7 @@ from prefixrt.bank import PrefixBank
 from prefixrt.bank.spec import ModelSpec
 from prefixrt.hf import attention, positions
 from prefixrt.hf.generation import prepare as generation
+from prefixrt.ops import StepPlan
 from prefixrt.ops.registry import resolve_name
 
 __all__ = ["attach", "detach", "is_attached", "PrefixBinding", "PrefixSource", "attention_sites"]
@@ -72,22 +73,36 @@ class PrefixBinding:
     original_attn_implementation: str | None
     hooks: list[Any] = field(default_factory=list)
     tagged_modules: list[nn.Module] = field(default_factory=list)
-    validated: tuple | None = (
-        None  # (id(prefix_ids), version, bank.version) last checked: one sync per tensor
-    )
+    step: tuple | None = None  # (prefix_ids of the forward being run, {site: StepPlan}), set by plan_step
+
+    def plan_step(self, prefix_ids: torch.Tensor, batch_size: int) -> None:
+        """Validate ``prefix_ids`` against the bank and the batch and plan every site for this forward.
+
+        Called once per forward by the model's pre-forward hook (one host sync); every attention layer of the
+        forward then reads its site's :class:`~prefixrt.ops.StepPlan` with :meth:`plan`.
+        """
+        self.check_ids(prefix_ids, batch_size)
+        ids = prefix_ids.to(self.bank.device)
+        plans = {site: StepPlan.build(ids, _entry_lengths(self.bank, site)) for site in self.bank.spec.sites}
+        self.step = (prefix_ids, plans)
 
     def check_ids(self, prefix_ids: torch.Tensor, batch_size: int) -> None:
-        """Validate ``prefix_ids`` against the bank and the batch (cached per tensor to avoid a sync per step)."""
+        """Raise ``ValueError`` unless ``prefix_ids`` is a ``[batch_size]`` integer tensor of live bank ids or
+        ``-1`` (one host sync)."""
         if not isinstance(prefix_ids, torch.Tensor):
             raise ValueError(f"prefix_ids must be a LongTensor [batch], got {type(prefix_ids).__name__}")
         if prefix_ids.dim() != 1 or prefix_ids.shape[0] != batch_size:
             raise ValueError(
                 f"prefix_ids must be a LongTensor [batch={batch_size}], got shape {tuple(prefix_ids.shape)}"
             )
-        stamp = (id(prefix_ids), prefix_ids._version, self.bank.version, prefix_ids.data_ptr())
-        if stamp != self.validated:
-            self.bank.check_ids(prefix_ids)
-            self.validated = stamp
+        self.bank.check_ids(prefix_ids)
+
+    def plan(self, site: str, prefix_ids: torch.Tensor) -> StepPlan:
+        """The plan of ``site`` for the forward that was planned with this very ``prefix_ids`` tensor (planned
+        now when it is another tensor, e.g. a forward that bypassed the hooks)."""
+        if self.step is None or self.step[0] is not prefix_ids:
+            self.plan_step(prefix_ids, prefix_ids.shape[0] if isinstance(prefix_ids, torch.Tensor) else -1)
+        return self.step[1][site]
 
     def position_shift(self, prefix_ids: torch.Tensor, site: str, device: torch.device) -> torch.Tensor:
         """LongTensor ``[B]``: how far each row's positions move (its prefix length at ``site``, 0 for -1)."""
@@ -217,3 +232,9 @@ def binding_of(model: nn.Module) -> PrefixBinding:
             "this model is not attached to a prefix bank; call prefixrt.attach(model, bank) first"
         )
     return binding
+
+
+def _entry_lengths(source: PrefixSource, site: str):
+    """Entry lengths of ``site`` without a device sync where the source keeps them on the host."""
+    lengths = getattr(source, "lengths", None)
+    return lengths(site) if lengths is not None else source.offsets(site).diff()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from prefixrt import ops
+from prefixrt.ops import BankLayer
 
 __all__ = ["ATTN_IMPLEMENTATION", "prefixrt_attention", "prefixrt_mask", "register"]
 
@@ -67,8 +68,9 @@ def prefixrt_attention(
     if bank is None:
         bank = binding.bank
     bank_k, bank_v = bank.layer_kv(site, layer)
+    layer_bank = BankLayer(bank_k, bank_v, bank.offsets(site))
     if bank_k.dtype != query.dtype:
-        bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
+        layer_bank = layer_bank.to(query.dtype)
     key_padding_mask = attention_mask
     if key_padding_mask is not None and key_padding_mask.dim() != 2:
         raise RuntimeError(
@@ -78,10 +80,8 @@ def prefixrt_attention(
         query,
         key,
         value,
-        bank_k,
-        bank_v,
-        prefix_ids.to(query.device),
-        bank.offsets(site),
+        layer_bank,
+        binding.plan(site, prefix_ids),
         key_padding_mask=key_padding_mask,
         causal=CAUSAL_SITES[site],
         scale=scaling,

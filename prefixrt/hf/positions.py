@@ -59,7 +59,7 @@ def _prefix_ids(arguments: dict, binding, batch: int) -> torch.Tensor:
             "this model is attached to a prefix bank: pass prefix_ids=LongTensor[batch] (one bank id per row, -1 "
             "for no prefix) to forward() or generate()"
         )
-    binding.check_ids(prefix_ids, batch)
+    binding.plan_step(prefix_ids, batch)
     return prefix_ids
 
 

@@ -1,6 +1,8 @@
 """The functional op layer: prefix attention, its plain-torch oracle, and the backend registry.
 
-``prefix_attention`` is what the model integration calls once per (site, layer). Backends register themselves
+Plan once per step, run once per layer: ``StepPlan.build(prefix_ids, lengths)`` validates the rows' ids and
+builds the sort-by-id tables; ``prefix_attention(q, k, v, BankLayer(k, v, offsets), plan, ...)`` is what the
+model integration calls once per (site, layer). Backends register themselves
 on import; an optional backend that cannot be imported on this machine (no Triton, no compiler) leaves its
 reason in ``_import_errors`` so that asking for it explicitly says why. This layer never imports transformers.
 """
@@ -10,7 +12,9 @@ from __future__ import annotations
 import importlib
 
 from prefixrt.ops import reference_backend as _reference_backend  # noqa: F401  (registers "reference")
-from prefixrt.ops.attention import check_attention_inputs, prefix_attention
+from prefixrt.ops.args import AttentionArgs, check_attention_args
+from prefixrt.ops.attention import prefix_attention
+from prefixrt.ops.plan import BankLayer, StepPlan
 from prefixrt.ops.reference import gather_prefix, prefix_attention_reference
 from prefixrt.ops.registry import (
     AttentionCall,
@@ -38,11 +42,14 @@ for _name, _module in (("triton", "prefixrt.ops.triton.backend"), ("cpp", "prefi
         _import_errors[_name] = f"{type(_err).__name__}: {_err}"
 
 __all__ = [
+    "AttentionArgs",
     "AttentionCall",
     "Backend",
     "BackendUnavailable",
+    "BankLayer",
+    "StepPlan",
     "available_backends",
-    "check_attention_inputs",
+    "check_attention_args",
     "explain_backends",
     "gather_prefix",
     "prefix_attention",

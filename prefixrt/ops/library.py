@@ -1,117 +1,84 @@
 """``prefixrt::prefix_attention``: the one op every backend implements, registered with ``torch.library``.
 
 Registering it as a custom op (with a fake implementation and an autograd formula) lets ``torch.compile``
-treat prefix attention as a single opaque node, whatever backend runs inside. The backend is a string
-argument, resolved by :mod:`prefixrt.ops.registry`.
+treat prefix attention as a single opaque node, whatever backend runs inside. Its flat inputs are
+:data:`prefixrt.ops.args.OP_FIELDS` plus the backend's name; :class:`~prefixrt.ops.args.AttentionArgs` packs and
+unpacks them, so the argument list is written once.
 """
 
 from __future__ import annotations
 
 import torch
 
+from prefixrt.ops.args import OP_FIELDS, AttentionArgs
 from prefixrt.ops.registry import get_backend
 
+__all__ = ["prefix_attention_op", "prefix_attention_backward_op", "run_op"]
 
-@torch.library.custom_op("prefixrt::prefix_attention", mutates_args=())
-def prefix_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of prefix attention; returns ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``."""
-    out, lse = get_backend(backend).forward(
-        q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale
-    )
-    return out.contiguous(), lse.contiguous()
+_INPUTS = ", ".join(f"{kind} {name}" for name, kind in OP_FIELDS) + ", str backend"
+_FORWARD_SCHEMA = f"({_INPUTS}) -> (Tensor, Tensor)"
+_BACKWARD_SCHEMA = (
+    f"(Tensor dout, {_INPUTS}, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_N = len(OP_FIELDS)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """The reference keeps fp64 for fp64 inputs (oracle tests); every other call returns an fp32 lse."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("prefixrt::prefix_attention", mutates_args=(), schema=_FORWARD_SCHEMA)
+def prefix_attention_op(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of prefix attention; returns ``(out [B, H, Tq, D], lse [B, H, Tq])``."""
+    args, backend = AttentionArgs.from_op_inputs(*inputs[:_N]), inputs[_N]
+    out, lse = get_backend(backend).forward(args)
+    return out.contiguous(), lse.to(_lse_dtype(args.q)).contiguous()
 
 
 @prefix_attention_op.register_fake
-def _(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, backend):
+def _(*inputs):
+    q = inputs[0]
     batch, heads, tq, head_dim = q.shape
-    return q.new_empty(batch, heads, tq, head_dim), q.new_empty(batch, heads, tq, dtype=torch.float32)
+    return q.new_empty(batch, heads, tq, head_dim), q.new_empty(batch, heads, tq, dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("prefixrt::prefix_attention_backward", mutates_args=())
-def prefix_attention_backward_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("prefixrt::prefix_attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def prefix_attention_backward_op(*inputs) -> tuple[torch.Tensor, ...]:
     """Gradients ``(dq, dk, dv, dbank_k, dbank_v)``; the bank ones summed over rows that share an id."""
-    grads = get_backend(backend).backward(
-        dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, out, lse
-    )
+    dout, fields, backend, out, lse = inputs[0], inputs[1 : _N + 1], inputs[_N + 1], inputs[-2], inputs[-1]
+    grads = get_backend(backend).backward(AttentionArgs.from_op_inputs(*fields), dout, out, lse)
     return tuple(g.contiguous() for g in grads)
 
 
 @prefix_attention_backward_op.register_fake
-def _(
-    dout,
-    q,
-    k,
-    v,
-    bank_k,
-    bank_v,
-    prefix_ids,
-    bank_offsets,
-    key_padding_mask,
-    causal,
-    scale,
-    out,
-    lse,
-    backend,
-):
+def _(*inputs):
+    q, k, v, bank_k, bank_v = inputs[1:6]
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, bank_k, bank_v)
     )
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, out, lse)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.slots = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    ctx.save_for_backward(*(inputs[i] for i in ctx.slots), out, lse)
+    ctx.inputs = [None if isinstance(x, torch.Tensor) else x for x in inputs]  # the non-tensor inputs
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbank_k, dbank_v = prefix_attention_backward_op(
-        dout.contiguous(),
-        q,
-        k,
-        v,
-        bank_k,
-        bank_v,
-        prefix_ids,
-        bank_offsets,
-        key_padding_mask,
-        ctx.causal,
-        ctx.scale,
-        out,
-        lse,
-        ctx.backend,
-    )
-    return dq, dk, dv, dbank_k, dbank_v, None, None, None, None, None, None
+    *saved, out, lse = ctx.saved_tensors
+    inputs = list(ctx.inputs)
+    for slot, tensor in zip(ctx.slots, saved, strict=True):
+        inputs[slot] = tensor
+    grads = prefix_attention_backward_op(dout.contiguous(), *inputs, out, lse)
+    return (*grads, *([None] * (len(inputs) - len(grads))))
 
 
 prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_op(args: AttentionArgs, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``args`` through the registered op with the named backend."""
+    return prefix_attention_op(*args.op_inputs(), backend)

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import torch
 
+from prefixrt.ops.args import AttentionArgs
 from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
 from prefixrt.ops.registry import AttentionCall, Backend, register_backend
 
 
-def reference_forward(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale):
+def _oracle_inputs(args: AttentionArgs) -> tuple:
+    """The oracle's positional arguments for this call."""
+    return (args.q, args.k, args.v, args.bank.k, args.bank.v, args.prefix_ids, args.bank.offsets,
+            args.key_padding_mask, args.causal, args.scale)  # fmt: skip
+
+
+def reference_forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return prefix_attention_reference(
-            q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale
-        )
+        return prefix_attention_reference(*_oracle_inputs(args))
 
 
-def reference_backward(
-    dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, out, lse
-):
-    return prefix_attention_reference_backward(
-        dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale
-    )
+def reference_backward(args: AttentionArgs, dout, out, lse) -> tuple[torch.Tensor, ...]:
+    return prefix_attention_reference_backward(dout, *_oracle_inputs(args))
 
 
 def _accept_everything(call: AttentionCall) -> str | None:

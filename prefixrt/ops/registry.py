@@ -73,10 +73,11 @@ class AttentionCall:
 class Backend:
     """One implementation of prefix attention.
 
-    ``forward(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale)`` returns
-    ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``. ``backward(dout, q, k, v, bank_k, bank_v, prefix_ids,
-    bank_offsets, key_padding_mask, causal, scale, out, lse)`` returns ``(dq, dk, dv, dbank_k, dbank_v)``,
-    the bank gradients summed over rows that share an id, zero for entries no row uses.
+    ``forward(args: AttentionArgs)`` returns ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``.
+    ``backward(args, dout, out, lse)`` returns ``(dq, dk, dv, dbank_k, dbank_v)``, the bank gradients summed over
+    rows that share an id, zero for entries no row uses. Inputs were checked once by the op layer
+    (:func:`prefixrt.ops.args.check_attention_args` and :meth:`prefixrt.ops.StepPlan.build`): a backend sees
+    only valid calls.
     ``refuse(call)`` returns None when the backend accepts the call, else a short reason.
     ``priority`` maps a device type to a rank for "auto" (higher wins; absent means never auto-picked).
     """

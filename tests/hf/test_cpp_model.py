@@ -113,7 +113,7 @@ def test_attach_auto_uses_cpp_on_cpu(gpt2, monkeypatch):
     original, calls = cpp.forward, []
 
     def counting(*args):
-        calls.append(args[0].shape)
+        calls.append(args[0].q.shape)
         return original(*args)
 
     monkeypatch.setattr(cpp, "forward", counting)

@@ -71,7 +71,13 @@ def test_fallback_without_kernels(how, tmp_path, monkeypatch):
         expected = "no C++ compiler"
     q = k = v = torch.randn(2, 1, 3, 8)
     bank = torch.randn(1, 4, 8)
-    args = (q, k, v, bank, bank, torch.tensor([0, -1]), torch.tensor([0, 4]))
+    args = (
+        q,
+        k,
+        v,
+        ops.BankLayer(bank, bank, torch.tensor([0, 4])),
+        ops.StepPlan.build(torch.tensor([0, -1]), [4]),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [ops.prefix_attention(*args, causal=True)[0] for _ in range(3)]

@@ -23,8 +23,8 @@ NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")
 
 
 def cpp_grads(case, dout):
-    out, lse = cpp_forward(*case.args())
-    return cpp_backward(dout, *case.args(), out, lse)
+    out, lse = cpp_forward(case.attention_args())
+    return cpp_backward(case.attention_args(), dout, out, lse)
 
 
 def check_grads(case, what=""):
@@ -89,7 +89,7 @@ def test_gradients_through_the_op(dtype):
     results = []
     for backend in ("reference", "cpp"):
         leaves = [t.detach().clone().requires_grad_(True) for t in case.args()[:5]]
-        out, _ = prefix_attention(*leaves, *case.args()[5:], backend=backend)
+        out, _ = prefix_attention(*case.inputs(*leaves), backend=backend)
         (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         results.append([t.grad for t in leaves])
     for name, got, want in zip(NAMES, results[1], results[0], strict=True):

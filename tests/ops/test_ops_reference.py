@@ -9,6 +9,12 @@ from prefixrt.ops.library import prefix_attention_op
 from prefixrt.ops.reference import prefix_attention_reference_backward
 
 
+def op(q, k, v, bank_k, bank_v, ids, offsets, mask=None, **kwargs):
+    """The public op on raw tensors (a bank layer and a plan built here)."""
+    plan = ops.StepPlan.build(ids, offsets.diff())
+    return ops.prefix_attention(q, k, v, ops.BankLayer(bank_k, bank_v, offsets), plan, mask, **kwargs)
+
+
 def naive_attention(q, k, v, bank_k, bank_v, prefix_ids, offsets, key_padding_mask, causal, scale):
     """One row, one head, one query at a time, in float64: the definition, spelled out."""
     batch, heads, tq, dim = q.shape
@@ -76,7 +82,7 @@ def test_fully_masked_row_gives_zero_output_no_nan_and_zero_grad():
     mask[1] = False
     for t in (q, k, v, bank_k, bank_v):
         t.requires_grad_(True)
-    out, lse = ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, mask, causal=True)
+    out, lse = op(q, k, v, bank_k, bank_v, ids, offsets, mask, causal=True)
     assert torch.isinf(lse[:2]).all() and (lse[:2] < 0).all()
     assert (out[:2] == 0).all()
     out.sum().backward()
@@ -102,12 +108,12 @@ def test_explicit_backward_matches_autograd(causal):
 def test_bank_gradient_sums_rows_that_share_an_id_and_unused_entries_are_zero():
     q, k, v, bank_k, bank_v, ids, offsets = make_case(ids=(2, 0, 2, 2))  # entry 1 unused (length 0 anyway)
     bank_k.requires_grad_(True)
-    out, _ = ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True)
+    out, _ = op(q, k, v, bank_k, bank_v, ids, offsets, causal=True)
     dout = torch.randn_like(out)
     (total,) = torch.autograd.grad(out, bank_k, dout)
     per_row = []
     for b in range(4):
-        out_b, _ = ops.prefix_attention(
+        out_b, _ = op(
             q[b : b + 1], k[b : b + 1], v[b : b + 1], bank_k, bank_v, ids[b : b + 1], offsets, causal=True
         )
         per_row.append(torch.autograd.grad(out_b, bank_k, dout[b : b + 1])[0])
@@ -122,7 +128,7 @@ def test_gradcheck_through_the_registered_op():
     inputs = [t.requires_grad_(True) for t in (q, k, v, bank_k, bank_v)]
 
     def fn(*xs):
-        return ops.prefix_attention(*xs, ids, offsets, mask, causal=True, backend="reference")[0]
+        return op(*xs, ids, offsets, mask, causal=True, backend="reference")[0]
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -132,9 +138,9 @@ def test_library_op_passes_opcheck():
     for t in (q, k, v, bank_k, bank_v):
         t.requires_grad_(True)
     mask = torch.ones(4, 5, dtype=torch.bool)
-    torch.library.opcheck(
-        prefix_attention_op, (q, k, v, bank_k, bank_v, ids, offsets, mask, True, 0.35, "reference")
-    )
+    args = ops.AttentionArgs(q, k, v, ops.BankLayer(bank_k, bank_v, offsets), ops.StepPlan.build(ids, offsets.diff()),
+                             mask, True, 0.35)  # fmt: skip
+    torch.library.opcheck(prefix_attention_op, (*args.op_inputs(), "reference"))
 
 
 def test_non_contiguous_views_match_contiguous():
@@ -142,8 +148,8 @@ def test_non_contiguous_views_match_contiguous():
     fused = torch.cat([q, k, v], dim=-1).transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, T, 3D] view
     qv, kv, vv = fused.split(8, dim=-1)
     assert not qv.is_contiguous()
-    out_views, _ = ops.prefix_attention(qv, kv, vv, bank_k, bank_v, ids, offsets, causal=True)
-    out, _ = ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True)
+    out_views, _ = op(qv, kv, vv, bank_k, bank_v, ids, offsets, causal=True)
+    out, _ = op(q, k, v, bank_k, bank_v, ids, offsets, causal=True)
     torch.testing.assert_close(out_views, out)
 
 
@@ -152,19 +158,21 @@ def test_non_contiguous_views_match_contiguous():
     [
         (lambda a: a.update(q=a["q"][0]), "q must be"),
         (lambda a: a.update(k=a["k"][:, :1]), "k must be"),
-        (lambda a: a.update(bank_k=a["bank_k"][:, :, :4]), "bank_k must be"),
-        (lambda a: a.update(prefix_ids=a["prefix_ids"][:2]), "prefix_ids must be"),
-        (lambda a: a.update(prefix_ids=a["prefix_ids"].float()), "prefix_ids must be"),
-        (lambda a: a.update(key_padding_mask=torch.ones(4, 3, dtype=torch.bool)), "key_padding_mask must be"),
+        (lambda a: a.update(bank_k=a["bank_k"][:, :, :4]), "bank.k must be"),
+        (lambda a: a.update(prefix_ids=a["prefix_ids"][:2]), "plan .prefix_ids. has 2 rows"),
+        (lambda a: a.update(prefix_ids=a["prefix_ids"].float()), "prefix_ids must be an integer tensor"),
+        (lambda a: a.update(prefix_ids=torch.tensor([0, 1, 2, 3])), r"prefix_ids holds ids \[3\]"),
+        (lambda a: a.update(mask=torch.ones(4, 3, dtype=torch.bool)), "key_padding_mask must be"),
+        (lambda a: a.update(mask=torch.ones(4, 5)), "key_padding_mask must be a bool tensor"),
         (lambda a: a.update(v=a["v"].float()), "v must have q's dtype"),
     ],
 )
 def test_bad_inputs_name_the_argument(change, message):
     q, k, v, bank_k, bank_v, ids, offsets = make_case()
-    args = dict(q=q, k=k, v=v, bank_k=bank_k, bank_v=bank_v, prefix_ids=ids, bank_offsets=offsets)
+    args = dict(q=q, k=k, v=v, bank_k=bank_k, bank_v=bank_v, prefix_ids=ids, offsets=offsets, mask=None)
     change(args)
     with pytest.raises(ValueError, match=message):
-        ops.prefix_attention(**args)
+        op(*args.values())
 
 
 def test_backend_selection_explains_refusals(monkeypatch):
@@ -184,14 +192,11 @@ def test_backend_selection_explains_refusals(monkeypatch):
 def test_dropout_runs_on_the_reference_and_is_identity_in_expectation():
     q, k, v, bank_k, bank_v, ids, offsets = make_case(dtype=torch.float32)
     torch.manual_seed(0)
-    out_drop, _ = ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)
-    out, _ = ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True)
+    out_drop, _ = op(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)
+    out, _ = op(q, k, v, bank_k, bank_v, ids, offsets, causal=True)
     assert not torch.allclose(out_drop, out)
     torch.manual_seed(1)
     mean = torch.stack(
-        [
-            ops.prefix_attention(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)[0]
-            for _ in range(400)
-        ]
+        [op(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)[0] for _ in range(400)]
     ).mean(0)
     torch.testing.assert_close(mean, out, atol=0.25, rtol=0.0)

@@ -62,13 +62,13 @@ def test_auto_picks_triton_for_cuda_only(monkeypatch):
 def test_explicit_triton_bf16_on_cpu_says_why():
     case = make_case([0], q_len=3, dtype=torch.bfloat16)
     with pytest.raises(BackendUnavailable, match="bf16"):
-        ops.prefix_attention(*case.args(), backend="triton")
+        ops.prefix_attention(*case.inputs(), backend="triton")
 
 
 def run_op(case, dout=None):
     """The public op with backend="triton": (out, lse, grads of q, k, v, bank_k, bank_v)."""
     leaves = [t.detach().requires_grad_(True) for t in case.args()[:5]]
-    out, lse = ops.prefix_attention(*leaves, *case.args()[5:], backend="triton")
+    out, lse = ops.prefix_attention(*case.inputs(*leaves), backend="triton")
     if dout is None:
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
     out.backward(dout)
@@ -94,15 +94,17 @@ def test_tq1_routes_to_decode(monkeypatch):
     monkeypatch.setattr(triton_backend, "prefix_decode", lambda *a, **k: seen.append(1) or real(*a, **k))
     case = make_case([1, 3], q_len=1, k_len=5)
     with torch.no_grad():
-        ops.prefix_attention(*case.args(), backend="triton")
+        ops.prefix_attention(*case.inputs(), backend="triton")
     assert seen == [1]
 
 
 def test_torch_compile_sees_one_op():
     case = make_case([3, 1], q_len=5, heads=2)
+    plan = case.plan()  # once per step, outside the compiled layer
 
     def f(q, k, v, bank_k, bank_v):
-        out, _ = ops.prefix_attention(q, k, v, bank_k, bank_v, *case.args()[5:], backend="triton")
+        bank = ops.BankLayer(bank_k, bank_v, case.bank_offsets)
+        out, _ = ops.prefix_attention(q, k, v, bank, plan, None, case.causal, case.scale, backend="triton")
         return out * 2
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

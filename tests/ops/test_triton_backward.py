@@ -21,10 +21,10 @@ DTYPES = [torch.float32, torch.float16]
 
 
 def run_backward(case, seed=1, **kwargs):
-    out, lse = prefix_attention_fwd(*case.args())
+    out, lse = prefix_attention_fwd(case.attention_args())
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(out.shape, generator=g).to(out)
-    return dout, prefix_attention_bwd(dout, *case.args(), out, lse, **kwargs)
+    return dout, prefix_attention_bwd(case.attention_args(), dout, out, lse, **kwargs)
 
 
 def check_backward(case, **kwargs):

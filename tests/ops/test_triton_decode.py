@@ -5,10 +5,10 @@ import pytest
 import torch
 from support.triton_cases import ENTRY_LENGTHS, TOLERANCES, assert_close, gpu, make_case, reference
 
+from prefixrt.ops import AttentionArgs, StepPlan
 from prefixrt.ops.triton.configs import DECODE_CONFIGS
 from prefixrt.ops.triton.decode import prefix_decode
 from prefixrt.ops.triton.launch import prefix_attention_fwd
-from prefixrt.ops.triton.tables import DecodePlan
 
 
 def decode_case(ids, k_len, **kwargs):
@@ -16,9 +16,13 @@ def decode_case(ids, k_len, **kwargs):
     return make_case(ids, q_len=1, k_len=k_len, **kwargs)
 
 
-def check_decode(case, **kwargs):
-    out, lse = prefix_decode(case.q, case.k, case.v, case.bank_k, case.bank_v, case.prefix_ids, case.bank_offsets,
-                             case.key_padding_mask, case.scale, **kwargs)  # fmt: skip
+def check_decode(case, plan=None, **kwargs):
+    args = case.attention_args()
+    if plan is not None:
+        args = AttentionArgs(
+            args.q, args.k, args.v, args.bank, plan, args.key_padding_mask, False, case.scale
+        )
+    out, lse = prefix_decode(args, **kwargs)
     ref_out, ref_lse = reference(case)
     tol = TOLERANCES[case.q.dtype]
     assert out.dtype == case.q.dtype
@@ -87,10 +91,9 @@ def test_strided_preallocated_cache():
 @pytest.mark.parametrize("causal", [True, False])
 def test_equals_last_row_of_prefill(causal):
     case = make_case([3, 0, 3, -1, 1], q_len=12, heads=2, causal=causal, padding="left", dtype=torch.float16)
-    out, lse = prefix_attention_fwd(*case.args())
+    out, lse = prefix_attention_fwd(case.attention_args())
     last = case.with_(q=case.q[:, :, -1:])
-    dec_out, dec_lse = prefix_decode(last.q, last.k, last.v, last.bank_k, last.bank_v, last.prefix_ids,
-                                     last.bank_offsets, last.key_padding_mask, last.scale, kv_splits=2)  # fmt: skip
+    dec_out, dec_lse = prefix_decode(last.attention_args(), kv_splits=2)
     tol = TOLERANCES[torch.float16]
     assert_close(dec_out, out[:, :, -1:], tol.out, "out")
     assert_close(dec_lse, lse[:, :, -1:], tol.lse, "lse")
@@ -106,7 +109,7 @@ def test_every_config(config):
 
 def test_explicit_plan_is_reused_across_layers():
     case = decode_case([3, 0, 3, 1, 3], k_len=7, heads=2)
-    plan = DecodePlan.build(case.prefix_ids, case.bank_offsets, group_size=16)
+    plan = StepPlan.build(case.prefix_ids, case.bank_offsets.diff(), group_size=16)
     for layer_seed in range(2):  # two "layers": same ids and plan, different bank and cache
         layer = decode_case([3, 0, 3, 1, 3], k_len=7, heads=2, seed=layer_seed + 10)
         layer = layer.with_(prefix_ids=case.prefix_ids, bank_offsets=case.bank_offsets)
@@ -116,14 +119,12 @@ def test_explicit_plan_is_reused_across_layers():
 def test_refuses_more_than_one_query():
     case = make_case([0], q_len=2)
     with pytest.raises(ValueError, match="one query per row"):
-        prefix_decode(
-            case.q, case.k, case.v, case.bank_k, case.bank_v, case.prefix_ids, case.bank_offsets, None, 1.0
-        )
+        prefix_decode(case.attention_args())
 
 
 def test_rejects_a_group_size_the_gpu_cannot_dot():
     with pytest.raises(ValueError, match="power of two >= 16"):
-        DecodePlan.build(torch.tensor([0]), torch.tensor([0, 3]), group_size=8)
+        StepPlan.build(torch.tensor([0]), [3], group_size=8)
 
 
 @gpu

@@ -11,7 +11,7 @@ DTYPES = [torch.float32, torch.float16]
 
 
 def check_forward(case, config=None):
-    out, lse = prefix_attention_fwd(*case.args(), config=config)
+    out, lse = prefix_attention_fwd(case.attention_args(), config=config)
     ref_out, ref_lse = reference(case)
     tol = TOLERANCES[case.q.dtype]
     assert out.dtype == case.q.dtype and lse.dtype == torch.float32

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from prefixrt.ops import AttentionArgs, BankLayer, StepPlan
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -55,8 +57,26 @@ class Case:
     scale: float
 
     def args(self) -> tuple:
+        """The oracle's positional arguments (``prefix_attention_reference``)."""
         return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets,
                 self.key_padding_mask, self.causal, self.scale)  # fmt: skip
+
+    def bank(self) -> BankLayer:
+        return BankLayer(self.bank_k, self.bank_v, self.bank_offsets)
+
+    def plan(self) -> StepPlan:
+        return StepPlan.build(self.prefix_ids, self.bank_offsets.diff())
+
+    def inputs(self, *leaves: torch.Tensor) -> tuple:
+        """The public op's positional arguments: ``prefix_attention(*case.inputs(), backend=...)``; with
+        ``leaves`` = (q, k, v, bank_k, bank_v) those tensors replace the case's (e.g. leaves that need grad)."""
+        q, k, v, bank_k, bank_v = leaves or (self.q, self.k, self.v, self.bank_k, self.bank_v)
+        bank = BankLayer(bank_k, bank_v, self.bank_offsets)
+        return (q, k, v, bank, self.plan(), self.key_padding_mask, self.causal, self.scale)
+
+    def attention_args(self) -> AttentionArgs:
+        """What a backend or launcher receives."""
+        return AttentionArgs(*self.inputs())
 
     def args_as(self, dtype: torch.dtype) -> tuple:
         """The arguments with every floating tensor converted to ``dtype`` (widening is exact)."""

@@ -53,9 +53,10 @@ class BartRunner:
         h = layer.fc2(layer.activation_fn(layer.fc1(h)))
         return layer.final_layer_norm(residual + h)
 
-    def encode(self, batch, input_ids, mask, pid: torch.Tensor, view_key: int) -> torch.Tensor:
+    def encode(self, batch, input_ids, mask, prefix_ids: list[int], view_key: int) -> torch.Tensor:
         """Encoder output ``[R, Ts, C]`` for ``input_ids [R, Ts]`` (``mask [R, Ts]`` bool or None)."""
         view = batch.views[view_key]
+        plan = view.plan("encoder", prefix_ids)
         items, length = input_ids.shape
         enc = self.encoder
         h = enc.embed_tokens(input_ids) + enc.embed_positions(input_ids)
@@ -65,15 +66,12 @@ class BartRunner:
             q, k, v = (
                 self._split(proj(h), self.enc_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
             )
-            bank_k, bank_v, offsets = view.layer("encoder", i)
             out, _ = ops.prefix_attention(
                 q,
                 k,
                 v,
-                bank_k,
-                bank_v,
-                pid,
-                offsets,
+                view.layer("encoder", i),
+                plan,
                 key_padding_mask=mask,
                 causal=False,
                 scale=attn.scaling,
@@ -116,8 +114,8 @@ class BartRunner:
         """
         items, src_len = input_ids.shape
         view = batch.views[view_key]
-        pid = torch.tensor(prefix_ids, dtype=torch.long, device=self.device)
-        enc = self.encode(batch, input_ids, mask, pid, view_key)
+        enc = self.encode(batch, input_ids, mask, prefix_ids, view_key)
+        plans = {site: view.plan(site, prefix_ids) for site in ("decoder", "cross")}
         src, ctx = batch.stores["src"], batch.prompt_store()
         src_rows = src.append_rows([src_len] * items, valid=mask)
         ctx_rows = ctx.append_rows([1] * items)
@@ -129,23 +127,26 @@ class BartRunner:
             attn, cross = layer.self_attn, layer.encoder_attn
             q, k, v = (self._split(proj(h), self.heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
             ctx.write_block(i, ctx_rows, k, v)
-            bank_k, bank_v, offsets = view.layer("decoder", i)
             out, _ = ops.prefix_attention(
-                q, k, v, bank_k, bank_v, pid, offsets, causal=True, scale=attn.scaling, backend=batch.backend
+                q,
+                k,
+                v,
+                view.layer("decoder", i),
+                plans["decoder"],
+                causal=True,
+                scale=attn.scaling,
+                backend=batch.backend,
             )
             h = layer.self_attn_layer_norm(h + attn.out_proj(out.transpose(1, 2).reshape(items, 1, -1)))
             ks, vs = self._split(cross.k_proj(enc), self.heads), self._split(cross.v_proj(enc), self.heads)
             src.write_block(i, src_rows, ks, vs)
             q = self._split(cross.q_proj(h), self.heads)
-            bank_k, bank_v, offsets = view.layer("cross", i)
             out, _ = ops.prefix_attention(
                 q,
                 ks,
                 vs,
-                bank_k,
-                bank_v,
-                pid,
-                offsets,
+                view.layer("cross", i),
+                plans["cross"],
                 key_padding_mask=mask,
                 causal=False,
                 scale=cross.scaling,

@@ -86,21 +86,18 @@ class GPT2Runner:
         view = batch.views[view_key]
         ctx = batch.prompt_store()
         rows = ctx.append_rows([length] * items, valid=mask)
-        pid = torch.tensor(prefix_ids, dtype=torch.long, device=self.device)
+        plan = view.plan("decoder", prefix_ids)  # once for every layer
         transformer = self.model.transformer
         h = transformer.wte(input_ids) + transformer.wpe(positions)  # [R, T, C]
         for layer, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, block.ln_1(h))  # [R, H, T, D]
             ctx.write_block(layer, rows, k, v)
-            bank_k, bank_v, offsets = view.layer("decoder", layer)
             out, _ = ops.prefix_attention(
                 q,
                 k,
                 v,
-                bank_k,
-                bank_v,
-                pid,
-                offsets,
+                view.layer("decoder", layer),
+                plan,
                 key_padding_mask=mask,
                 causal=True,
                 scale=self.scales[layer],

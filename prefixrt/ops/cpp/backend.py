@@ -21,6 +21,7 @@ import warnings
 
 import torch
 
+from prefixrt.ops.args import AttentionArgs
 from prefixrt.ops.cpp import build as cpp_build
 from prefixrt.ops.registry import AttentionCall, Backend, register_backend
 
@@ -31,28 +32,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned = False
 
 
-def cpp_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cpp_forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix attention forward in C++.
 
-    Parameters
-    ----------
-    q : Tensor ``[B, H, Tq, D]``; k, v : Tensor ``[B, H, Tk, D]``
-        Any strides; views whose last dim is contiguous (HF's transposed views) are read in place.
-    bank_k, bank_v : Tensor ``[H, S, D]``
-    prefix_ids : LongTensor ``[B]`` (-1 = none); bank_offsets : LongTensor ``[N + 1]``
-    key_padding_mask : BoolTensor ``[B, Tk]`` or None
-    causal : bool; scale : float
+    ``args.q [B, H, Tq, D]``, ``args.k``/``args.v [B, H, Tk, D]``: any strides; views whose last dim is
+    contiguous (HF's transposed views) are read in place, and so is the bank (``[H, S, D]``).
 
     Returns
     -------
@@ -60,29 +44,15 @@ def cpp_forward(
     """
     kernels = cpp_build.load_kernels()
     with torch.no_grad():
-        return kernels.forward(
-            q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, bool(causal), float(scale)
-        )
+        return kernels.forward(*_kernel_inputs(args))
 
 
 def cpp_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    args: AttentionArgs, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefix attention backward in C++ (probabilities recomputed from ``lse``, the bank read in place).
 
-    Parameters are :func:`cpp_forward`'s plus ``dout [B, H, Tq, D]`` and the forward's ``out`` and ``lse``.
+    ``dout [B, H, Tq, D]`` and the forward's ``out`` and ``lse`` next to the call's ``args``.
 
     Returns
     -------
@@ -91,10 +61,13 @@ def cpp_backward(
     """
     kernels = cpp_build.load_kernels()
     with torch.no_grad():
-        return kernels.backward(
-            dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, bool(causal),
-            float(scale), out, lse,
-        )  # fmt: skip
+        return kernels.backward(dout, *_kernel_inputs(args), out, lse)
+
+
+def _kernel_inputs(args: AttentionArgs) -> tuple:
+    """The C++ entry points' leading arguments (csrc/bindings.cpp); the kernels plan rows by id themselves."""
+    return (args.q, args.k, args.v, args.bank.k, args.bank.v, args.prefix_ids, args.bank.offsets,
+            args.key_padding_mask, bool(args.causal), float(args.scale))  # fmt: skip
 
 
 def _refuse(call: AttentionCall) -> str | None:

@@ -16,6 +16,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from prefixrt.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
+from prefixrt.ops.args import AttentionArgs
 from prefixrt.ops.registry import AttentionCall, Backend, register_backend
 from prefixrt.ops.triton.configs import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from prefixrt.ops.triton.decode import prefix_decode
@@ -46,22 +47,16 @@ def refuse(call: AttentionCall) -> str | None:
     return None
 
 
-def triton_forward(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale):
+def triton_forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Backend forward: ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``; ``Tq == 1`` takes the decode kernels."""
-    if q.shape[2] == 1:
-        return prefix_decode(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, scale)
-    return prefix_attention_fwd(
-        q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale
-    )
+    if args.q.shape[2] == 1:
+        return prefix_decode(args)
+    return prefix_attention_fwd(args)
 
 
-def triton_backward(
-    dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, out, lse
-):
+def triton_backward(args: AttentionArgs, dout, out, lse):
     """Backend backward: ``(dq, dk, dv, dbank_k, dbank_v)``, deterministic."""
-    return prefix_attention_bwd(
-        dout, q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, out, lse
-    )
+    return prefix_attention_bwd(args, dout, out, lse)
 
 
 register_backend(

@@ -1,13 +1,11 @@
 """Launcher of the Triton decode path: one query per row against its bank prefix and its own KV cache.
 
->>> plan = DecodePlan.build(prefix_ids, bank_offsets)            # once per generation step  # doctest: +SKIP
+>>> plan = StepPlan.build(prefix_ids, lengths)                     # once per generation step  # doctest: +SKIP
 >>> for layer in layers:                                            # doctest: +SKIP
-...     out, lse = prefix_decode(q, k_cache, v_cache, bank_k[layer], bank_v[layer], prefix_ids, bank_offsets,
-...                              mask, scale, plan=plan)
+...     out, lse = prefix_decode(AttentionArgs(q, k_cache, v_cache, bank[layer], plan, mask, False, scale))
 
-Without ``plan`` the plan is built from ``(prefix_ids, bank_offsets)`` and cached on those tensors
-(:func:`prefixrt.ops.triton.tables.decode_plan_for`), so passing the same ``prefix_ids`` tensor to every layer
-of a step computes it once.
+The grouped prefix kernel reads each used entry's prefix once per group of rows that share it, with the groups
+the plan cut (sized by the ids the step uses).
 """
 
 from __future__ import annotations
@@ -20,11 +18,11 @@ from prefixrt.kernels.prefix_decode import (
     prefix_decode_merge_kernel,
     prefix_decode_split_kernel,
 )
+from prefixrt.ops.args import AttentionArgs
 from prefixrt.ops.triton.configs import KernelConfig, pick_decode_config
 from prefixrt.ops.triton.launch import LOG2E, check_supported, dot_precision, mask_arg
-from prefixrt.ops.triton.tables import DecodePlan, decode_plan_for
 
-__all__ = ["prefix_decode", "DecodePlan", "default_kv_splits"]
+__all__ = ["prefix_decode", "default_kv_splits"]
 
 MAX_KV_SPLITS = 16
 
@@ -41,43 +39,28 @@ def default_kv_splits(batch_heads: int, k_len: int, block_n: int, device: torch.
 
 
 def prefix_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    scale: float,
-    plan: DecodePlan | None = None,
-    kv_splits: int | None = None,
-    config: KernelConfig | None = None,
+    args: AttentionArgs, kv_splits: int | None = None, config: KernelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode-step prefix attention: grouped prefix part + split-KV own part, merged by log-sum-exp.
 
     Parameters
     ----------
-    q : Tensor ``[B, H, 1, D]`` (any strides)
-    k, v : Tensor ``[B, H, Tk, D]``
-        The row's own keys (self-attention: its KV cache including the new token; cross-attention: the encoder
-        states). Any strides, e.g. a slice of a preallocated cache. No causal mask is needed: the single query
-        is the last position and sees every own key (bottom-right alignment).
-    bank_k, bank_v : Tensor ``[H, S, D]``
-    prefix_ids : LongTensor ``[B]``; bank_offsets : LongTensor ``[N + 1]``
-    key_padding_mask : BoolTensor ``[B, Tk]`` or None (True = attend)
-    scale : float
-    plan : DecodePlan, optional
-        Built from ``(prefix_ids, bank_offsets)``; computed (and cached) when not given.
+    args : AttentionArgs
+        ``q [B, H, 1, D]`` (any strides); ``k, v [B, H, Tk, D]``, the row's own keys (self-attention: its KV
+        cache including the new token; cross-attention: the encoder states), any strides, e.g. a slice of a
+        preallocated cache. ``causal`` does not matter: the single query is the last position and sees every
+        own key (bottom-right alignment). The key padding mask ``[B, Tk]`` (True = attend) hides the rest.
     kv_splits : int, optional
         Chunks of each own cache (default :func:`default_kv_splits`).
     config : KernelConfig, optional
-        Forces ``block_m`` (rows per group; the plan's group size when ``plan`` is given) and ``block_n``.
+        Forces ``block_m`` (rows per group: the plan is regrouped when it differs) and ``block_n``.
 
     Returns
     -------
     out : Tensor ``[B, H, 1, D]`` in ``q.dtype``; lse : Tensor ``[B, H, 1]`` fp32, natural log.
     """
+    q, k, v, bank_k, bank_v = args.q, args.k, args.v, args.bank.k, args.bank.v
+    prefix_ids, bank_offsets, scale = args.prefix_ids, args.bank.offsets, args.scale
     check_supported(q)
     batch, heads, tq, head_dim = q.shape
     if tq != 1:
@@ -88,9 +71,7 @@ def prefix_decode(
     lse = torch.empty(batch, heads, 1, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    if plan is None:
-        group_size = config.block_m if config is not None else None
-        plan = decode_plan_for(prefix_ids, bank_offsets, group_size)
+    plan = args.plan if config is None else args.plan.with_group_size(config.block_m)
     if config is None:
         config = pick_decode_config(plan.group_size, head_dim, q.dtype)
     block_m, block_n = plan.group_size, config.block_n
@@ -108,16 +89,16 @@ def prefix_decode(
     qk_scale = scale * LOG2E
 
     # -- part 0: each group of rows sharing an entry against that entry's prefix (read once per group)
-    if n_entries > 0:
-        prefix_decode_grouped_kernel[(plan.bound, heads)](
-            q, bank_k, bank_v, bank_offsets, plan.segments.order, plan.group_entry, plan.group_start,
+    if n_entries > 0 and plan.n_groups > 0:
+        prefix_decode_grouped_kernel[(plan.n_groups, heads)](
+            q, bank_k, bank_v, bank_offsets, plan.order, plan.group_entry, plan.group_start,
             plan.group_rows, o_part, lse_part,
             *q_strides, *bank_k.stride(), *bank_v.stride(), *o_part.stride(), *lse_part.stride(),
             n_entries, qk_scale,
             HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype), **opts,
         )  # fmt: skip
     # -- parts 1..splits: flash-decoding over each row's own keys (merged right there when there is one chunk)
-    mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
+    mask, smb, smn, has_mask = mask_arg(args.key_padding_mask, q)
     prefix_decode_split_kernel[(batch * heads, splits)](
         q, k, v, mask, o_part, lse_part, prefix_ids, bank_offsets, out, lse,
         *q_strides, *k.stride(), *v.stride(), smb, smn, *o_part.stride(), *lse_part.stride(), *out_strides,

@@ -1,7 +1,7 @@
 """Launchers of the Triton prefix-attention kernels (forward and backward): check inputs, allocate, launch.
 
 The kernels themselves live in :mod:`prefixrt.kernels`; the decode path is in
-:mod:`prefixrt.ops.triton.decode` and the sort-by-id plans in :mod:`prefixrt.ops.triton.tables`.
+:mod:`prefixrt.ops.triton.decode`; the sort-by-id tables come with the call's :class:`~prefixrt.ops.StepPlan`.
 Conventions are those of :mod:`prefixrt.ops.reference` (``lse`` natural-log fp32, ``-inf`` where a query
 sees no key). No launcher synchronises with the device.
 """
@@ -18,6 +18,7 @@ from prefixrt.kernels.prefix_attention_bwd import (
     prefix_attention_bwd_preprocess_kernel,
 )
 from prefixrt.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
+from prefixrt.ops.args import AttentionArgs
 from prefixrt.ops.triton.configs import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
@@ -25,9 +26,8 @@ from prefixrt.ops.triton.configs import (
     pick_bwd_config,
     pick_fwd_config,
 )
-from prefixrt.ops.triton.tables import DecodePlan, bank_tiles, segments_for
 
-__all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "DecodePlan", "LOG2E"]
+__all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "LOG2E"]
 
 LOG2E = 1.4426950408889634
 MAX_BANK_WORKSPACE = 256 * 2**20
@@ -60,30 +60,15 @@ def _launch_opts(config: KernelConfig) -> dict:
 
 
 def prefix_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    config: KernelConfig | None = None,
+    args: AttentionArgs, config: KernelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill / training forward of prefix attention with the Triton kernel.
 
     Parameters
     ----------
-    q : Tensor ``[B, H, Tq, D]`` (any strides)
-    k, v : Tensor ``[B, H, Tk, D]`` (any strides)
-    bank_k, bank_v : Tensor ``[H, S, D]`` (any strides)
-    prefix_ids : LongTensor ``[B]`` (``-1`` = no prefix)
-    bank_offsets : LongTensor ``[N + 1]``
-    key_padding_mask : BoolTensor ``[B, Tk]`` or None (True = attend)
-    causal : bool
-    scale : float
+    args : AttentionArgs
+        ``q [B, H, Tq, D]``, ``k, v [B, H, Tk, D]``, the bank layer ``[H, S, D]`` (all any strides), the plan's
+        ``prefix_ids [B]``, the key padding mask ``[B, Tk]`` (True = attend), causal, scale.
     config : KernelConfig, optional
         Forces a block configuration (tests use it to exercise every entry of ``FWD_CONFIGS``).
 
@@ -92,6 +77,8 @@ def prefix_attention_fwd(
     out : Tensor ``[B, H, Tq, D]``, ``q.dtype``, contiguous
     lse : Tensor ``[B, H, Tq]``, fp32, natural log
     """
+    q, k, v, bank_k, bank_v = args.q, args.k, args.v, args.bank.k, args.bank.v
+    prefix_ids, bank_offsets, causal, scale = args.prefix_ids, args.bank.offsets, args.causal, args.scale
     check_supported(q)
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
@@ -100,7 +87,7 @@ def prefix_attention_fwd(
     if out.numel() == 0:
         return out, lse
     config = config or pick_fwd_config(tq, head_dim, q.dtype, q.is_cuda)
-    mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
+    mask, smb, smn, has_mask = mask_arg(args.key_padding_mask, q)
     grid = (triton.cdiv(tq, config.block_m), heads, batch)
     prefix_attention_fwd_kernel[grid](
         q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, out, lse,
@@ -114,17 +101,8 @@ def prefix_attention_fwd(
 
 
 def prefix_attention_bwd(
+    args: AttentionArgs,
     dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
     config: KernelConfig | None = None,
@@ -133,15 +111,16 @@ def prefix_attention_bwd(
     """Backward of prefix attention: ``(dq, dk, dv, dbank_k, dbank_v)``, deterministic.
 
     Four launches: ``Delta = rowsum(dO * O)``; dQ over each row's prefix and own keys; dK/dV of the own keys;
-    the bank gradient, one program per (bank tile of a used entry, head, row split) looping over the rows that
-    use the entry in sorted order (no atomics; entries no row uses stay zero). With ``bank_splits > 1`` the
-    rows of an entry are cut into that many chunks whose fp32 partial sums are added in a fixed order.
+    the bank gradient, one program per (key block of a used entry, head, row split) looping over the rows that
+    use the entry in sorted order (the plan's tables; no atomics; entries no row uses stay zero). With
+    ``bank_splits > 1`` the rows of an entry are cut into that many chunks whose fp32 partial sums are added in
+    a fixed order.
 
     Parameters
     ----------
-    dout : Tensor ``[B, H, Tq, D]``
-    q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale
+    args : AttentionArgs
         As in :func:`prefix_attention_fwd`.
+    dout : Tensor ``[B, H, Tq, D]``
     out : Tensor ``[B, H, Tq, D]``, lse : Tensor ``[B, H, Tq]`` fp32
         The forward's results.
     config : KernelConfig, optional
@@ -154,12 +133,14 @@ def prefix_attention_bwd(
     dq ``[B, H, Tq, D]``, dk ``[B, H, Tk, D]``, dv ``[B, H, Tk, D]`` in their inputs' dtypes;
     dbank_k, dbank_v ``[H, S, D]`` in the bank's dtype (accumulated in fp32).
     """
+    q, k, v, bank_k, bank_v = args.q, args.k, args.v, args.bank.k, args.bank.v
+    prefix_ids, bank_offsets, causal, scale = args.prefix_ids, args.bank.offsets, args.causal, args.scale
     check_supported(q)
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
     config = config or pick_bwd_config(tq, head_dim, q.dtype, q.is_cuda)
     opts = _launch_opts(config)
-    mask, smb, smn, has_mask = mask_arg(key_padding_mask, q)
+    mask, smb, smn, has_mask = mask_arg(args.key_padding_mask, q)
     n_entries = bank_offsets.shape[0] - 1
     precision = dot_precision(q.dtype)
     qk_scale = scale * LOG2E
@@ -201,11 +182,12 @@ def prefix_attention_bwd(
         )  # fmt: skip
 
     # -- bank gradient: sort-by-id segmented reduction, one program per (tile of a used entry, head, split)
-    if n_entries == 0 or bank_k.shape[1] == 0:
+    plan = args.plan
+    if n_entries == 0 or bank_k.shape[1] == 0 or plan.n_used == 0:
         return dq, dk, dv, dbank_k, dbank_v
-    segments = segments_for(prefix_ids, bank_offsets)
-    tiles = bank_tiles(segments, bank_k.shape[1], config.block_n)
-    splits = bank_splits or _default_bank_splits(tiles.bound * heads, batch, q, bank_k.numel())
+    tile_entry, tile_block = plan.bank_tiles(bank_offsets.diff(), config.block_n)
+    tiles = tile_entry.shape[0]
+    splits = bank_splits or _default_bank_splits(tiles * heads, batch, q, bank_k.numel())
     if splits == 1:
         acc_k, acc_v = dbank_k, dbank_v
         ws_stride = 0
@@ -213,9 +195,9 @@ def prefix_attention_bwd(
         acc_k = torch.zeros(splits, *bank_k.shape, dtype=torch.float32, device=q.device)
         acc_v = torch.zeros_like(acc_k)
         ws_stride = acc_k.stride(0)
-    prefix_attention_bwd_bank_kernel[(tiles.bound, heads, splits)](
+    prefix_attention_bwd_bank_kernel[(tiles, heads, splits)](
         q, bank_k, bank_v, dout, lse, delta, acc_k, acc_v,
-        bank_offsets, segments.order, segments.seg_offsets, tiles.entry, tiles.block,
+        bank_offsets, plan.order, plan.seg_offsets, tile_entry, tile_block,
         *q.stride(), *bank_k.stride(), *bank_v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
         ws_stride, *acc_k.stride()[-3:], *acc_v.stride()[-3:],
         tq, n_entries, splits, qk_scale, scale, **common, **opts,
