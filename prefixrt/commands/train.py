@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixrt.commands.model_options import add_model_options, default_device
+from prefixrt.commands.common import add_model_options, default_device, run_reporting_errors
 
 NAME = "train"
 HELP = "train prefixes (several tasks in one mixed run) on src/tgt data and write them into a prefix bank"
@@ -212,11 +212,7 @@ def with_tag(path: Path, tag: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"prefixrt train: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(NAME, _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
