@@ -79,8 +79,8 @@ class TrainConfig:
 
 @dataclass
 class RunOptions:
-    """How :func:`prefixrt.train.train` and :func:`prefixrt.train.finetune` run, besides the data: the
-    hyper-parameters, the files, dev evaluation and the process group.
+    """How :func:`prefixrt.train.train` and :func:`prefixrt.train.finetune` run, besides the data: the padding
+    id, the hyper-parameters, checkpoints and logs, dev evaluation and the process group.
 
     >>> options = RunOptions(pad_token_id=50256, config=TrainConfig(max_steps=100), progress=False)
     >>> train(model, tuner, data, options)                                # doctest: +SKIP
