@@ -4,7 +4,7 @@ Baselines copy each row's prefix out of the bank and concatenate it with the row
 the gather is inside the timed region), then run HF-eager-style attention (matmul, additive mask, softmax,
 matmul) or PyTorch SDPA (what HF's default "sdpa" attention calls). "reference" is prefixrt's oracle backend.
 
-Shapes (issue 5): GPT-2-small attention (12 heads, head dim 64), one layer, fp32 and bf16.
+Shapes: GPT-2-small attention (12 heads, head dim 64), one layer, fp32 and bf16.
 * decode: 32 rows over 8 prefixes (ids interleaved), P=200, 64 cached tokens + the new one, one query per row;
 * prefill: 8 rows over 4 prefixes, P=200, T=128, causal; also its backward (training).
 

@@ -5,7 +5,7 @@ then run HF-eager-style attention (matmul, masked softmax in fp32, matmul) or Py
 inside the timed region. Decode also compares with per-row prefix copies already sitting in every row's KV
 cache (PEFT's cache layout: no gather per step, but every row reads its own copy).
 
-Shapes (issue 3): GPT-2-medium attention (16 heads, head dim 64), bf16, one layer.
+Shapes: GPT-2-medium attention (16 heads, head dim 64), bf16, one layer.
 * prefill / training: 64 rows over 8 prefixes (ids interleaved), P=200, T=512, causal;
 * decode: 256 rows over 8 prefixes, P=200, 64..512 cached tokens, one query per row.
 
@@ -13,7 +13,7 @@ Two ways to run it (both need a CUDA device; on CPU everything skips):
 * ``python -m pytest benchmarks/bench_triton_attention.py --benchmark-only`` (pytest-benchmark);
 * ``python benchmarks/bench_triton_attention.py --out benchmarks/results/triton_<gpu>.json``: times every
   case with ``triton.testing.do_bench``, measures the device's bf16 matmul and copy rates in the same run,
-  prints a table and writes JSON (device, versions, commit, date, figures, the issue's targets).
+  prints a table and writes JSON (device, versions, commit, date, figures, the speed targets).
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def run_all() -> list[dict]:
 
 
 def targets(results: list[dict], peaks: dict) -> dict:
-    """The issue's speed targets, each with the measured value and whether it is met."""
+    """The speed targets (each ratio's threshold is in its name), with the measured value and whether it is met."""
     ms = {(r["case"], r["impl"]): r for r in results}
     out = {}
     fb = lambda impl: ms[("forward_backward", impl)]["ms"]

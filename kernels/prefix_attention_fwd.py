@@ -1,9 +1,10 @@
 """Triton forward of prefix attention (prefill and training): one online softmax over ``[bank prefix ; own keys]``.
 
 Row ``b`` reads its prefix out of the packed bank through ``bank_offsets[prefix_ids[b]]``; id ``-1`` is folded
-into a prefix length of 0 (no masks built from loaded scalars, see KERNELS.md). Scores live in base 2 inside the
-kernel (``qk_scale = scale * log2(e)``); the stored log-sum-exp is natural-log, fp32, ``-inf`` for a query that
-sees no key (its output is 0).
+into a prefix length of 0 rather than into a mask (Triton's CPU interpreter rejects a mask combined with a
+condition on a loaded value, such as ``m & (pid >= 0)``, with "mask has unsupported dtype"). Scores live in
+base 2 inside the kernel (``qk_scale = scale * log2(e)``); the stored log-sum-exp is natural-log, fp32, ``-inf``
+for a query that sees no key (its output is 0).
 
 Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton.launch`.
 """

@@ -1,4 +1,4 @@
-"""The end-to-end generation benchmark of issue 4: the workload, the ways to run it, and how each is measured.
+"""The end-to-end mixed-prefix generation benchmark: the workload, the ways to run it, and how each is measured.
 
 Workload: a GPT-2-small-size model (12 layers, 768 wide, 12 heads, vocabulary 50257; seeded random weights),
 ``prefixes x per_prefix`` requests (row ``r`` uses prefix ``r % prefixes``), prompts of 32 random tokens, 64 new

@@ -1,4 +1,4 @@
-"""``prefixrt bench generate``: issue 4's end-to-end generation benchmark, baselines in the same run.
+"""``prefixrt bench generate``: the end-to-end mixed-prefix generation benchmark, baselines in the same run.
 
 Builds the workload of :mod:`prefixrt.bench.generation` (GPT-2-small size, random weights, N prefixes x M requests,
 32-token prompts, 64 new tokens, greedy) for each prefix length, runs every method (PEFT-style per-prefix batches,
@@ -23,7 +23,7 @@ HELP = (
     "Benchmarks (`prefixrt bench generate`: mixed-prefix generation vs PEFT-style and attached HF generate)."
 )
 
-# Issue 4's targets for prefixrt.generate: on a 2-core CPU with 8 prefixes x 4 requests; on a GPU with 64 x 4.
+# The speed-up targets for prefixrt.generate: on a 2-core CPU with 8 prefixes x 4 requests; on a GPU with 64 x 4.
 TARGETS = {"cpu": {"peft_style": 3.0, "hf_attached": 1.5}, "cuda": {"peft_style": 10.0}}
 
 
@@ -31,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefixrt.bench.generation import METHODS
 
     sub = parser.add_subparsers(dest="bench", required=True)
-    g = sub.add_parser("generate", help="end-to-end generation (issue 4)", description=__doc__)
+    g = sub.add_parser(
+        "generate",
+        help="end-to-end mixed-prefix generation vs PEFT-style and attached HF generate()",
+        description=__doc__,
+    )
     g.add_argument("--prefixes", type=int, default=8, help="distinct prefixes (N)")
     g.add_argument("--per-prefix", type=int, default=4, help="requests per prefix (M)")
     g.add_argument("--prefix-lengths", type=int, nargs="+", default=[10, 200], help="P values")

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     import prefixrt
     from prefixrt.tasks import Collator, encode_examples, encode_prompt, pad_token_id_for
-    from prefixrt.train import PrefixTuner, TrainConfig, train
+    from prefixrt.train import PrefixTuner, RunOptions, TrainConfig, train
     from prefixrt.train.models import build_model, byte_level_tokenizer, load_tokenizer
 
     try:
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         lr=args.lr, batch_size=args.batch_size, max_steps=args.steps, log_every=5, seed=args.seed
     )
-    result = train(model, tuner, data, pad_token_id=pad_token_id_for(tokenizer), config=config, progress=True)
+    options = RunOptions(pad_token_id=pad_token_id_for(tokenizer), config=config, progress=True)
+    result = train(model, tuner, data, options)
     first, last = result.log[0], result.log[-1]
     print(
         f"trained both prefixes in one mixed run, {result.step} steps: loss "

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixrt.commands.model_options import add_model_options, default_device
+from prefixrt.commands.common import add_model_options, default_device, run_reporting_errors
 
 NAME = "eval"
 HELP = (
@@ -105,11 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"prefixrt eval: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(NAME, _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

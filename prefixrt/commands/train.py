@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixrt.commands.model_options import add_model_options, default_device
+from prefixrt.commands.common import add_model_options, default_device, run_reporting_errors
 
 NAME = "train"
 HELP = "train prefixes (several tasks in one mixed run) on src/tgt data and write them into a prefix bank"
@@ -212,11 +212,7 @@ def with_tag(path: Path, tag: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"prefixrt train: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(NAME, _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -334,7 +330,7 @@ def _train_one(
     args, seed, tag, model, tokenizer, data, dev_data, dev_examples, kinds, lengths, limits, dist, say
 ) -> dict[str, Any]:
     from prefixrt.tasks import pad_token_id_for
-    from prefixrt.train import PrefixTuner, TrainConfig, finetune, train
+    from prefixrt.train import PrefixTuner, RunOptions, TrainConfig, finetune, train
     from prefixrt.train.models import BUILTIN_MODELS
 
     out = with_tag(Path(args.out), tag)
@@ -361,24 +357,9 @@ def _train_one(
         log_every=args.log_every,
         save_every=args.save_every,
     )
-    common = dict(
-        pad_token_id=pad_token_id_for(tokenizer),
-        config=config,
-        checkpoint_dir=checkpoint_dir,
-        resume=args.resume,
-        log_path=log_csv,
-        plot_path=plot,
-        progress=not args.no_progress,
-        stop_after=args.stop_after,
-        dev_data=dev_data or None,
-        eval_every=args.eval_every,
-        dist=dist,
-    )
     start = time.perf_counter()
-    if args.finetune:
-        hook = _generation_hook(args, tokenizer, dev_examples, kinds, limits, lambda task: None)
-        result = finetune(model, data, eval_hook=hook, **common)
-    else:
+    tuner = None
+    if not args.finetune:
         tuner = PrefixTuner(
             model,
             {name: lengths[name] for name in data},
@@ -391,8 +372,22 @@ def _train_one(
             tokenizer=tokenizer,
             seed=seed,
         )
-        hook = _generation_hook(args, tokenizer, dev_examples, kinds, limits, tuner.id_of)
-        result = train(model, tuner, data, eval_hook=hook, **common)
+    prefix_id_of = (lambda task: None) if tuner is None else tuner.id_of
+    options = RunOptions(
+        pad_token_id=pad_token_id_for(tokenizer),
+        config=config,
+        checkpoint_dir=checkpoint_dir,
+        resume=args.resume,
+        log_path=log_csv,
+        plot_path=plot,
+        progress=not args.no_progress,
+        stop_after=args.stop_after,
+        dev_data=dev_data or None,
+        eval_every=args.eval_every,
+        eval_hook=_generation_hook(args, tokenizer, dev_examples, kinds, limits, prefix_id_of),
+        dist=dist,
+    )
+    result = finetune(model, data, options) if tuner is None else train(model, tuner, data, options)
     seconds = time.perf_counter() - start
 
     if result.step < result.total_steps:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["DataFormatError", "Example", "collapse", "references", "subsample"]
+__all__ = ["DataFormatError", "Example", "collapse", "grouped_examples", "references", "subsample"]
 
 
 class DataFormatError(ValueError):
@@ -41,6 +41,33 @@ class Example:
     tgt: str | None
     refs: tuple[str, ...]
     group: str
+
+
+def grouped_examples(sources: Iterable[tuple[str, str, Sequence[str]]], where: str) -> list[Example]:
+    """The rows a loader returns for ``(group, source, targets)`` records, in record order.
+
+    One :class:`Example` per target, each carrying all references of its group (the targets of every record
+    with that group, in order); a group without targets gives one row per record with ``tgt=None``.
+
+    Raises
+    ------
+    DataFormatError
+        If one group key comes with two different sources (the message names ``where``).
+    """
+    records = list(sources)
+    refs: dict[str, list[str]] = {}
+    srcs: dict[str, str] = {}
+    for group, src, tgts in records:
+        if srcs.setdefault(group, src) != src:
+            raise DataFormatError(f"{where}: id {group!r} is used for two different sources")
+        refs.setdefault(group, []).extend(tgts)
+    out = []
+    for group, src, tgts in records:
+        rs = tuple(refs[group])
+        out.extend(Example(src=src, tgt=t, refs=rs, group=group) for t in tgts)
+        if not rs:
+            out.append(Example(src=src, tgt=None, refs=(), group=group))
+    return out
 
 
 def collapse(examples: Sequence[Example]) -> list[Example]:

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prefixrt.tasks.examples import Example
+from prefixrt.tasks.examples import Example, grouped_examples
 from prefixrt.tasks.linearize import linearize_e2e_mr, linearize_triples
 
 __all__ = ["HUB_FIELDS", "load_hub_dataset", "rows_to_examples"]
@@ -116,13 +116,4 @@ def rows_to_examples(
             src = str(raw)
         key = raw if isinstance(raw, str) else repr(raw)
         pairs.append((key, src, _texts(row.get(tgt_field))))
-    refs: dict[str, list[str]] = {}
-    for key, _, tgts in pairs:
-        refs.setdefault(key, []).extend(tgts)
-    out = []
-    for key, src, tgts in pairs:
-        rs = tuple(refs[key])
-        out.extend(Example(src=src, tgt=t, refs=rs, group=key) for t in tgts)
-        if not rs:
-            out.append(Example(src=src, tgt=None, refs=(), group=key))
-    return out
+    return grouped_examples(pairs, where)  # the key is the raw source: one source per key

@@ -6,7 +6,7 @@ import json
 import os
 
 from prefixrt.tasks._io import require_file
-from prefixrt.tasks.examples import DataFormatError, Example
+from prefixrt.tasks.examples import DataFormatError, Example, grouped_examples
 
 __all__ = ["load_jsonl"]
 
@@ -47,16 +47,4 @@ def load_jsonl(path: str | os.PathLike, *, src_key: str = "src", tgt_key: str = 
             ):
                 raise DataFormatError(f"{p}, line {lineno}: {line.strip()[:120]!r}; expected {what}")
             rows.append((str(obj.get("id", src)), src, tgts))
-    refs: dict[str, list[str]] = {}
-    srcs: dict[str, str] = {}
-    for group, src, tgts in rows:
-        if srcs.setdefault(group, src) != src:
-            raise DataFormatError(f"{p}: id {group!r} is used for two different sources")
-        refs.setdefault(group, []).extend(tgts)
-    out = []
-    for group, src, tgts in rows:
-        rs = tuple(refs[group])
-        out.extend(Example(src=src, tgt=t, refs=rs, group=group) for t in tgts)
-        if not rs:
-            out.append(Example(src=src, tgt=None, refs=(), group=group))
-    return out
+    return grouped_examples(rows, str(p))

@@ -1,12 +1,22 @@
-"""What a training run is told (:class:`TrainConfig`) and what it returns (:class:`TrainResult`)."""
+"""What a training run is told -- its hyper-parameters (:class:`TrainConfig`) and how it is run
+(:class:`RunOptions`) -- and what it returns (:class:`TrainResult`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["TrainConfig", "TrainResult"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from prefixrt.tasks import Encoded
+    from prefixrt.train.distributed import Dist
+
+__all__ = ["RunOptions", "TrainConfig", "TrainResult"]
 
 
 @dataclass
@@ -65,6 +75,84 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0 and warmup_steps >= 0")
         self.betas = tuple(self.betas)
+
+
+@dataclass
+class RunOptions:
+    """How :func:`prefixrt.train.train` and :func:`prefixrt.train.finetune` run, besides the data: the padding
+    id, the hyper-parameters, checkpoints and logs, dev evaluation and the process group.
+
+    >>> options = RunOptions(pad_token_id=50256, config=TrainConfig(max_steps=100), progress=False)
+    >>> train(model, tuner, data, options)                                # doctest: +SKIP
+    >>> train(model, tuner, data, options, stop_after=50)                 # doctest: +SKIP
+    >>> train(model, tuner, data, pad_token_id=50256, progress=False)     # doctest: +SKIP
+
+    Attributes
+    ----------
+    pad_token_id : int
+        Input padding id (:func:`prefixrt.tasks.pad_token_id_for`).
+    config : TrainConfig
+        The hyper-parameters (None: the defaults). ``batch_size`` is the *global* batch: with ``world_size``
+        processes each runs ``batch_size / world_size`` rows per step (it must divide).
+    checkpoint_dir : path, optional
+        Where ``checkpoint.safetensors`` is written (every ``save_every`` steps and at the end).
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` when there is one (bit for bit: same parameters,
+        optimizer, schedule, batch order and RNG as an uninterrupted run); its config and data must match.
+    log_path, plot_path : path, optional
+        The CSV loss log and the PNG loss curve (written at the end).
+    progress : bool
+        Show a tqdm progress bar (on stderr).
+    stop_after : int, optional
+        Stop (and checkpoint) once this many steps are done in total, without changing the schedule: the way to
+        split one planned run into several sessions.
+    dev_data : mapping task -> sequence of Encoded, optional
+        Dev rows (tasks of the training data). Their loss (``dev_loss``, ``dev_loss/<task>``: mean cross-entropy
+        over target tokens, in eval mode) is logged before the first step, every ``eval_every`` steps and at the
+        end.
+    eval_every : int, optional
+        Steps between dev evaluations (default: only at the start and the end).
+    eval_hook : callable ``(model, step) -> {name: value}``, optional
+        Called at every dev evaluation with the model in eval mode (attached, when prefix-tuning; on rank 0
+        only): e.g. dev BLEU from a few generations. Its values join the log row. It must not change the
+        parameters.
+    dist : Dist, optional
+        The process group (default :meth:`Dist.current`): with several processes the data are sharded with
+        :class:`~prefixrt.tasks.MixedTaskBatchSampler`, the trained gradients are summed with ``all_reduce``, and
+        the loss normalization and the tasks that get an update are decided from the global batch, so the run
+        matches one process on the whole batch (up to summation order; dropout masks differ). Only rank 0
+        writes files and shows progress.
+    """
+
+    pad_token_id: int
+    config: TrainConfig | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    resume: bool = False
+    log_path: str | os.PathLike | None = None
+    plot_path: str | os.PathLike | None = None
+    progress: bool = True
+    stop_after: int | None = None
+    dev_data: Mapping[str, Sequence[Encoded]] | None = None
+    eval_every: int | None = None
+    eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None
+    dist: Dist | None = None
+
+    @classmethod
+    def of(cls, options: RunOptions | None, overrides: Mapping[str, Any]) -> RunOptions:
+        """``options`` with the fields named in ``overrides`` replaced; without ``options``, the overrides alone
+        (which then must hold ``pad_token_id``).
+
+        Raises TypeError for a name that is not a field, or an ``options`` that is not a RunOptions.
+        """
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"options must be a RunOptions, got {type(options).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}; the run options are {names}")
+        if options is None:
+            return cls(**overrides)
+        return replace(options, **overrides)
 
 
 @dataclass

@@ -6,24 +6,24 @@ same batch order, AdamW, warm-up and decay, gradient clipping, dev evaluation, c
 processes -- with the model's parameters as the trained set (one update group, clipped as a whole) and no prefix.
 So "prefix-tuning vs fine-tuning on the same data and budget" is one flag of ``prefixrt train`` (``--finetune``).
 
+>>> from prefixrt.train import RunOptions, TrainConfig, finetune
 >>> from prefixrt.train.models import build_model                                   # doctest: +SKIP
 >>> model = build_model("gpt2-tiny")                                                # doctest: +SKIP
->>> result = finetune(model, {"e2e": rows}, pad_token_id=50256,
-...                   config=TrainConfig(lr=5e-5, batch_size=10, epochs=5))         # doctest: +SKIP
+>>> options = RunOptions(pad_token_id=50256, config=TrainConfig(lr=5e-5, batch_size=10, epochs=5))
+>>> result = finetune(model, {"e2e": rows}, options)                                # doctest: +SKIP
 >>> model.save_pretrained("runs/e2e-finetuned")                                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from prefixrt.tasks import Encoded
-from prefixrt.train.config import TrainConfig, TrainResult
-from prefixrt.train.distributed import Dist
+from prefixrt.train.config import RunOptions, TrainResult
 from prefixrt.train.loop import run_training
 
 __all__ = ["finetune"]
@@ -82,47 +82,21 @@ class _ModelTarget:
 def finetune(
     model: nn.Module,
     data: Mapping[str, Sequence[Encoded]],
-    *,
-    pad_token_id: int,
-    config: TrainConfig | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    log_path: str | os.PathLike | None = None,
-    plot_path: str | os.PathLike | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-    dev_data: Mapping[str, Sequence[Encoded]] | None = None,
-    eval_every: int | None = None,
-    eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
-    dist: Dist | None = None,
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> TrainResult:
     """Fine-tune all of ``model``'s parameters on ``data``: the baseline to prefix-tuning, same loop and budget.
 
-    Parameters are those of :func:`prefixrt.train.train` without the tuner: the rows of all tasks are mixed in
-    every batch exactly as there (the model has no per-task parameters, so several tasks make one multi-task
-    fine-tuned model); ``max_grad_norm`` clips the model's whole gradient; checkpoints hold the model's parameters
-    (``kind="finetune"``) and resume bit for bit. The model is trained in place, in training mode (dropout on),
-    and left in eval mode with its ``requires_grad`` flags as they were.
+    Parameters are those of :func:`prefixrt.train.train` without the tuner (``options`` a :class:`RunOptions`,
+    or its fields as keywords): the rows of all tasks are mixed in every batch exactly as there (the model has
+    no per-task parameters, so several tasks make one multi-task fine-tuned model); ``max_grad_norm`` clips the
+    model's whole gradient; checkpoints hold the model's parameters (``kind="finetune"``) and resume bit for
+    bit. The model is trained in place, in training mode (dropout on), and left in eval mode with its
+    ``requires_grad`` flags as they were.
 
     Returns
     -------
     TrainResult
         ``trainable_parameters`` is the model's parameter count.
     """
-    return run_training(
-        _ModelTarget(model),
-        model,
-        data,
-        pad_token_id=pad_token_id,
-        config=config,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        log_path=log_path,
-        plot_path=plot_path,
-        progress=progress,
-        stop_after=stop_after,
-        dev_data=dev_data,
-        eval_every=eval_every,
-        eval_hook=eval_hook,
-        dist=dist,
-    )
+    return run_training(_ModelTarget(model), model, data, options, **overrides)

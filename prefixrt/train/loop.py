@@ -18,9 +18,8 @@ are summed with ``all_reduce``, and the normalization and the per-task update ru
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch import nn
 
 from prefixrt.tasks import Collator, Encoded, MixedTaskBatchSampler, MixedTaskDataset, layout_for
 from prefixrt.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from prefixrt.train.config import TrainConfig, TrainResult
+from prefixrt.train.config import RunOptions, TrainConfig, TrainResult
 from prefixrt.train.dev import DevSet
 from prefixrt.train.distributed import Dist, all_reduce_grads
 from prefixrt.train.loss import lm_loss, target_tokens
@@ -39,6 +38,7 @@ from prefixrt.train.tuner import PrefixTuner
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "RunOptions",
     "TrainConfig",
     "TrainResult",
     "linear_warmup_schedule",
@@ -178,21 +178,13 @@ def train(
     model: nn.Module,
     tuner: PrefixTuner,
     data: Mapping[str, Sequence[Encoded]],
-    *,
-    pad_token_id: int,
-    config: TrainConfig | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    log_path: str | os.PathLike | None = None,
-    plot_path: str | os.PathLike | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-    dev_data: Mapping[str, Sequence[Encoded]] | None = None,
-    eval_every: int | None = None,
-    eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
-    dist: Dist | None = None,
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> TrainResult:
     """Train ``tuner``'s prefixes on ``data`` through the frozen ``model``.
+
+    >>> train(model, tuner, data, RunOptions(pad_token_id=50256, config=TrainConfig(lr=5e-5)))  # doctest: +SKIP
+    >>> train(model, tuner, data, pad_token_id=50256, config=TrainConfig(lr=5e-5))            # doctest: +SKIP
 
     Parameters
     ----------
@@ -203,82 +195,32 @@ def train(
         Must have a task for every key of ``data``.
     data : mapping task -> sequence of Encoded
         Tokenized training rows per task (:func:`prefixrt.tasks.encode_examples` in the model's layout).
-    pad_token_id : int
-        Input padding id (:func:`prefixrt.tasks.pad_token_id_for`).
-    config : TrainConfig
-        ``batch_size`` is the *global* batch: with ``world_size`` processes each runs ``batch_size /
-        world_size`` rows per step (it must divide).
-    checkpoint_dir : path, optional
-        Where ``checkpoint.safetensors`` is written (every ``save_every`` steps and at the end).
-    resume : bool
-        Continue from the checkpoint in ``checkpoint_dir`` when there is one (bit for bit: same parameters,
-        optimizer, schedule, batch order and RNG as an uninterrupted run); its config and data must match.
-    log_path, plot_path : path, optional
-        The CSV loss log and the PNG loss curve (written at the end).
-    progress : bool
-        Show a tqdm progress bar (on stderr).
-    stop_after : int, optional
-        Stop (and checkpoint) once this many steps are done in total, without changing the schedule: the way to
-        split one planned run into several sessions.
-    dev_data : mapping task -> sequence of Encoded, optional
-        Dev rows (tasks of the tuner). Their loss (``dev_loss``, ``dev_loss/<task>``: mean cross-entropy over
-        target tokens, in eval mode) is logged before the first step, every ``eval_every`` steps and at the end.
-    eval_every : int, optional
-        Steps between dev evaluations (default: only at the start and the end).
-    eval_hook : callable ``(model, step) -> {name: value}``, optional
-        Called at every dev evaluation with the attached model in eval mode (on rank 0 only): e.g. dev BLEU from
-        a few generations. Its values join the log row. It must not change the parameters.
-    dist : Dist, optional
-        The process group (default :meth:`Dist.current`): with several processes the data are sharded with
-        :class:`~prefixrt.tasks.MixedTaskBatchSampler`, the prefix gradients are summed with ``all_reduce``, and
-        the loss normalization and the tasks that get an update are decided from the global batch, so the run
-        matches one process on the whole batch (up to summation order; dropout masks differ). Only rank 0
-        writes files and shows progress.
+    options : RunOptions, optional
+        How to run: ``pad_token_id``, the :class:`TrainConfig`, checkpoints and resuming, the loss log and plot,
+        progress, dev evaluation, the process group (see :class:`RunOptions`).
+    **overrides
+        Fields of :class:`RunOptions` by name: they replace those of ``options``, or, without ``options``, are
+        the options (``pad_token_id`` then among them).
 
     Returns
     -------
     TrainResult
     """
-    return run_training(
-        _PrefixTarget(tuner),
-        model,
-        data,
-        pad_token_id=pad_token_id,
-        config=config,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        log_path=log_path,
-        plot_path=plot_path,
-        progress=progress,
-        stop_after=stop_after,
-        dev_data=dev_data,
-        eval_every=eval_every,
-        eval_hook=eval_hook,
-        dist=dist,
-    )
+    return run_training(_PrefixTarget(tuner), model, data, options, **overrides)
 
 
 def run_training(
     target: Any,
     model: nn.Module,
     data: Mapping[str, Sequence[Encoded]],
-    *,
-    pad_token_id: int,
-    config: TrainConfig | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    log_path: str | os.PathLike | None = None,
-    plot_path: str | os.PathLike | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-    dev_data: Mapping[str, Sequence[Encoded]] | None = None,
-    eval_every: int | None = None,
-    eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
-    dist: Dist | None = None,
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> TrainResult:
     """The loop behind :func:`train` and :func:`prefixrt.train.finetune`; ``target`` says what is trained."""
-    config = config or TrainConfig()
-    dist = dist or Dist.current()
+    options = RunOptions.of(options, overrides)
+    config = options.config or TrainConfig()
+    dist = options.dist or Dist.current()
+    dev_data, eval_every = options.dev_data, options.eval_every
     target.check(model, data)
     empty = sorted(name for name, rows in data.items() if not rows)
     if not data or empty:
@@ -296,8 +238,9 @@ def run_training(
             f"({dist.world_size})"
         )
 
+    checkpoint_dir, log_path = options.checkpoint_dir, options.log_path
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    if resume and checkpoint_path is None:
+    if options.resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_dir")
     task_names = list(data)
     layout = layout_for(model)
@@ -314,7 +257,7 @@ def run_training(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    collate = Collator(pad_token_id, layout=layout, task_ids=target.task_ids(task_names))
+    collate = Collator(options.pad_token_id, layout=layout, task_ids=target.task_ids(task_names))
     steps_per_epoch = len(sampler)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     fingerprint = _data_fingerprint(data)
@@ -328,7 +271,7 @@ def run_training(
     log = LossLog(Path(log_path) if log_path is not None and dist.is_main else None, task_names)
 
     step = 0
-    if resume and checkpoint_path.is_file():
+    if options.resume and checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
         _check_resumable(checkpoint, config, fingerprint, total_steps)
         checkpoint.restore(target.module, optimizer, scheduler)
@@ -366,8 +309,8 @@ def run_training(
             try:
                 if dev is not None:
                     metrics.update(dev.loss(model, target))
-                if eval_hook is not None and dist.is_main:
-                    metrics.update(eval_hook(model, step))
+                if options.eval_hook is not None and dist.is_main:
+                    metrics.update(options.eval_hook(model, step))
             finally:
                 model.train()
                 target.train(True)
@@ -376,10 +319,10 @@ def run_training(
             if bar is not None and "dev_loss" in row:
                 bar.write(f"step {step}: dev loss {row['dev_loss']:.4f}")
 
-    evaluating = dev is not None or eval_hook is not None
-    end = total_steps if stop_after is None else min(total_steps, stop_after)
+    evaluating = dev is not None or options.eval_hook is not None
+    end = total_steps if options.stop_after is None else min(total_steps, options.stop_after)
     bar = None
-    if progress and dist.is_main:
+    if options.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc=target.title, unit="step", file=sys.stderr)
@@ -468,9 +411,9 @@ def run_training(
         log.path,
         trainable_parameters=sum(p.numel() for p in params),
     )
-    if plot_path is not None and dist.is_main and log.rows:
-        if plot_losses(log.rows, task_names, plot_path, title=f"{target.title} loss"):
-            result.plot_path = Path(plot_path)
+    if options.plot_path is not None and dist.is_main and log.rows:
+        if plot_losses(log.rows, task_names, options.plot_path, title=f"{target.title} loss"):
+            result.plot_path = Path(options.plot_path)
     return result
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from support.threads import one_thread  # noqa: F401  (fixture)
 
 import prefixrt
 from prefixrt.cli import main
@@ -16,13 +17,7 @@ TABLE_METRICS = {"BLEU", "NIST", "CIDEr", "ROUGE_L_coco", "ROUGE_L", "TER", "chr
 SUMMARY_METRICS = {"ROUGE_1", "ROUGE_2", "ROUGE_L"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (two per worker oversubscribe two cores under ``pytest -n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_bank(path, model_name: str, tasks: dict, tokenizer_dir, seed: int = 0) -> None:

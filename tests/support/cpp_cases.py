@@ -19,6 +19,7 @@ from prefixrt.ops.cpp import build as cpp_build
 from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
 from support.attention_cases import Case, Tolerance
 from support.attention_cases import assert_close as shared_assert_close
+from support.threads import one_thread  # noqa: F401  (the fixture, for the C++ test modules)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Every prefix length the issue names, in one packed bank: entry e has length ENTRY_LENGTHS[e].
@@ -96,17 +97,6 @@ def oracle(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
 def oracle_grads(case: Case, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dbank_k, dbank_v)`` of the reference in fp64."""
     return prefix_attention_reference_backward(dout.double(), *case.double_args())
-
-
-@pytest.fixture
-def one_thread():
-    """Run a test on one intra-op thread: under ``pytest -n 2`` two workers with two OpenMP threads each
-    oversubscribe two cores, and a descheduled thread stalls its team for a whole time slice (a 10 ms oracle
-    call then takes 0.5 s). The thread-count test sets its own counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,19 +14,11 @@ import json
 import random
 
 import pytest
-import torch
+from support.threads import one_thread  # noqa: F401  (fixture)
 
 from prefixrt.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: under ``pytest -n 2`` on two cores, two threads per worker oversubscribe the CPU and
-    OpenMP's spin-waits make every step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def summary(path) -> dict:

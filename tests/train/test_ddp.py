@@ -14,72 +14,41 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from support.threads import one_thread  # noqa: F401  (fixture)
+from support.training import PAD, task_rows, tiny_model
 
 from prefixrt.cli import main
-from prefixrt.tasks import Encoded
-from prefixrt.train import Dist, PrefixTuner, TrainConfig, finetune, train
-from prefixrt.train.models import build_model
+from prefixrt.train import Dist, PrefixTuner, RunOptions, TrainConfig, finetune, train
 
-VOCAB = 64
-PAD = 1
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORLD = 2
 CASES = ("prefix-gpt2", "prefix-bart", "finetune-gpt2")
 # 7 + 2 = 9 rows, global batch 4: 3 steps per epoch, the last holding one row (process 1 gets none).
 CONFIG = dict(lr=2e-2, batch_size=4, max_steps=7, warmup_steps=2, log_every=1, seed=5, max_grad_norm=0.5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (two per worker oversubscribe two cores under ``pytest -n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def model_for(kind: str):
-    if kind == "gpt2":
-        return build_model(
-            "gpt2-tiny", seed=0, vocab_size=VOCAB, n_embd=32, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, initializer_range=0.3,
-        )  # fmt: skip
-    return build_model(
-        "bart-tiny", seed=0, vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, init_std=0.3,
-    )  # fmt: skip
-
-
-def rows(kind: str, target: list[int], n: int, seed: int) -> list[Encoded]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        src = torch.randint(
-            3, VOCAB - 1, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g
-        ).tolist()
-        if kind == "gpt2":
-            out.append(
-                Encoded([*src, VOCAB - 1, *target, VOCAB - 1], [-100] * (len(src) + 1) + [*target, VOCAB - 1])
-            )
-        else:
-            out.append(Encoded([0, *src, 2], [0, *target, 2]))
-    return out
+def rows(kind: str, target: list[int], n: int, seed: int):
+    return task_rows(kind, target, n, seed, source_lengths=(2, 7))
 
 
 def run_case(case: str, dist: Dist | None) -> dict:
     """One training run; returns the trained parameters and the logged (global) losses."""
     method, kind = case.split("-")
-    model = model_for(kind)
+    model = tiny_model(kind)
     data = {"a": rows(kind, [10, 11, 12, 13], 7, 0), "b": rows(kind, [20, 21, 22], 2, 1)}
     dev = {"a": rows(kind, [10, 11, 12, 13], 3, 2), "b": rows(kind, [20, 21, 22], 3, 3)}
     config = TrainConfig(**CONFIG)
-    kwargs = dict(pad_token_id=PAD, config=config, progress=False, dev_data=dev, eval_every=3, dist=dist)
+    options = RunOptions(
+        pad_token_id=PAD, config=config, progress=False, dev_data=dev, eval_every=3, dist=dist
+    )
     if method == "prefix":
         # Task "c" has no rows at all: it must never move (weight decay would move it if it got an update).
         tuner = PrefixTuner(model, {"a": 3, "b": 2, "c": 2}, mid_dim=16, seed=0)
-        result = train(model, tuner, data, **kwargs)
+        result = train(model, tuner, data, options)
         params = {k: v.detach().clone() for k, v in tuner.state_dict().items()}
     else:
-        result = finetune(model, data, **kwargs)
+        result = finetune(model, data, options)
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
     losses = [[r.get(k, float("nan")) for k in ("loss", "loss/a", "loss/b", "dev_loss")] for r in result.log]
     return {"params": params, "losses": torch.tensor(losses, dtype=torch.float64), "step": result.step}
@@ -137,7 +106,7 @@ def test_two_processes_take_the_steps_of_one(case, two_process_results):
     # The training loss rows (global, all tasks and per task) and the dev loss agree too.
     torch.testing.assert_close(ranks[0]["losses"], one["losses"], rtol=1e-5, atol=1e-6, equal_nan=True)
     if case.startswith("prefix"):
-        start = PrefixTuner(model_for(case.split("-")[1]), {"a": 3, "b": 2, "c": 2}, mid_dim=16, seed=0)
+        start = PrefixTuner(tiny_model(case.split("-")[1]), {"a": 3, "b": 2, "c": 2}, mid_dim=16, seed=0)
         for name, value in start.state_dict().items():
             moved = not torch.equal(value, ranks[0]["params"][name])
             assert moved == (not name.startswith("prefixes.2.")), name  # "c" had no rows anywhere

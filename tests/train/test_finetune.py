@@ -5,32 +5,20 @@ import json
 
 import pytest
 import torch
+from support.threads import one_thread  # noqa: F401  (fixture)
+from support.training import PAD, VOCAB, tiny_model
 
 import prefixrt
 from prefixrt.cli import main
 from prefixrt.tasks import Encoded, load_e2e_csv
-from prefixrt.train import CheckpointError, TrainConfig, finetune, load_checkpoint, load_tuner
+from prefixrt.train import CheckpointError, RunOptions, TrainConfig, finetune, load_checkpoint, load_tuner
 from prefixrt.train.loop import CHECKPOINT_FILE
-from prefixrt.train.models import build_model
 
-VOCAB = 64
-PAD = 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (two per worker oversubscribe two cores under ``pytest -n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt2(dropout: float = 0.0):
-    return build_model(
-        "gpt2-tiny", seed=0, vocab_size=VOCAB, n_embd=32, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )  # fmt: skip
+    return tiny_model("gpt2", dropout=dropout, initializer_range=0.02)  # GPT-2's own init scale
 
 
 def toy_data(n: int = 12, seed: int = 0) -> dict:
@@ -49,9 +37,8 @@ def test_finetune_trains_the_whole_model_and_lowers_the_loss(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = TrainConfig(lr=1e-2, batch_size=4, max_steps=12, log_every=3, seed=0)
     dev = toy_data(4, seed=1)
-    result = finetune(
-        model, toy_data(), pad_token_id=PAD, config=config, progress=False, dev_data=dev, eval_every=6
-    )
+    options = RunOptions(pad_token_id=PAD, config=config, progress=False, dev_data=dev, eval_every=6)
+    result = finetune(model, toy_data(), options)
     assert result.step == 12
     assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
     losses = [r["loss"] for r in result.log if "loss" in r]  # the step-0 row holds the dev loss only
@@ -66,12 +53,12 @@ def test_finetune_trains_the_whole_model_and_lowers_the_loss(tmp_path):
 def test_finetune_checkpoint_resumes_bit_for_bit(tmp_path):
     config = TrainConfig(lr=3e-3, batch_size=4, max_steps=6, warmup_steps=2, log_every=2, seed=1)
     full = tiny_gpt2(dropout=0.1)  # dropout on: the RNG state must be restored too
-    finetune(full, toy_data(), pad_token_id=PAD, config=config, progress=False)
+    options = RunOptions(pad_token_id=PAD, config=config, progress=False)
+    finetune(full, toy_data(), options)
     part = tiny_gpt2(dropout=0.1)
-    common = dict(pad_token_id=PAD, config=config, progress=False, checkpoint_dir=tmp_path)
-    assert finetune(part, toy_data(), stop_after=4, **common).step == 4
+    assert finetune(part, toy_data(), options, checkpoint_dir=tmp_path, stop_after=4).step == 4
     resumed = tiny_gpt2(dropout=0.1)  # a fresh copy of the start: the checkpoint restores the trained weights
-    assert finetune(resumed, toy_data(), resume=True, **common).step == 6
+    assert finetune(resumed, toy_data(), options, checkpoint_dir=tmp_path, resume=True).step == 6
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_FILE)
@@ -86,11 +73,13 @@ def test_finetune_checkpoint_resumes_bit_for_bit(tmp_path):
 def test_dev_rows_survive_a_resume(tmp_path):
     """The log of a stopped and resumed run, dev rows included, is the uninterrupted run's."""
     config = TrainConfig(lr=3e-3, batch_size=4, max_steps=6, log_every=2, seed=2)
-    kwargs = dict(pad_token_id=PAD, config=config, progress=False, dev_data=toy_data(4, seed=1), eval_every=3)
-    full = finetune(tiny_gpt2(), toy_data(), **kwargs)
+    options = RunOptions(
+        pad_token_id=PAD, config=config, progress=False, dev_data=toy_data(4, seed=1), eval_every=3
+    )
+    full = finetune(tiny_gpt2(), toy_data(), options)
     files = dict(checkpoint_dir=tmp_path / "ckpt", log_path=tmp_path / "log.csv")
-    finetune(tiny_gpt2(), toy_data(), stop_after=4, **files, **kwargs)
-    resumed = finetune(tiny_gpt2(), toy_data(), resume=True, **files, **kwargs)
+    finetune(tiny_gpt2(), toy_data(), options, stop_after=4, **files)
+    resumed = finetune(tiny_gpt2(), toy_data(), options, resume=True, **files)
     assert [r["step"] for r in full.dev] == [0, 3, 6]
     assert resumed.log == full.log
 
@@ -100,7 +89,9 @@ def test_finetune_refuses_an_attached_model():
     bank = prefixrt.PrefixBank.for_model(model)
     prefixrt.attach(model, bank)
     with pytest.raises(ValueError, match="detach"):
-        finetune(model, toy_data(), pad_token_id=PAD, progress=False, config=TrainConfig(max_steps=1))
+        finetune(
+            model, toy_data(), RunOptions(pad_token_id=PAD, config=TrainConfig(max_steps=1), progress=False)
+        )
 
 
 @pytest.mark.slow

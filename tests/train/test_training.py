@@ -3,62 +3,15 @@
 import csv
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
+from support.training import PAD, task_rows, tiny_model
 
-from prefixrt.tasks import Encoded
-from prefixrt.train import CheckpointError, PrefixTuner, TrainConfig, lm_loss, load_tuner, train
+from prefixrt.train import CheckpointError, PrefixTuner, RunOptions, TrainConfig, lm_loss, load_tuner, train
 from prefixrt.train.loop import CHECKPOINT_FILE
-from prefixrt.train.models import build_model
-
-VOCAB = 64
-PAD = 1
-
-
-def tiny(kind: str, dropout: bool = False, seed: int = 0):
-    if kind == "gpt2":
-        p = 0.1 if dropout else 0.0
-        return build_model(
-            "gpt2-tiny",
-            seed=seed,
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_head=2,
-            resid_pdrop=p,
-            embd_pdrop=p,
-            attn_pdrop=p,
-            initializer_range=0.3,  # a random model whose outputs a prefix can make peaked
-        )
-    p = 0.1 if dropout else 0.0
-    return build_model(
-        "bart-tiny",
-        seed=seed,
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        dropout=p,
-        attention_dropout=p,
-        init_std=0.3,
-    )
-
-
-def task_rows(kind: str, target: list[int], n: int, seed: int) -> list[Encoded]:
-    """Rows with a random source and a fixed target (a pattern a prefix can learn)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        src = torch.randint(
-            3, VOCAB - 1, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g
-        ).tolist()
-        if kind == "gpt2":
-            sep = eos = VOCAB - 1
-            out.append(Encoded([*src, sep, *target, eos], [-100] * (len(src) + 1) + [*target, eos]))
-        else:
-            out.append(Encoded([0, *src, 2], [0, *target, 2]))
-    return out
 
 
 def data(kind: str, n: int = 10) -> dict:
@@ -73,7 +26,7 @@ def state(tuner: PrefixTuner) -> dict:
 def test_lm_loss_is_the_models_target_only_loss(kind):
     from prefixrt.tasks import Collator, layout_for
 
-    model = tiny(kind)
+    model = tiny_model(kind)
     tuner = PrefixTuner(model, {"a": 3, "b": 2}, mid_dim=8, seed=0)
     tuner.attach(model)
     rows = data(kind, 3)
@@ -91,19 +44,17 @@ def test_lm_loss_is_the_models_target_only_loss(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "bart"])
 def test_loss_decreases_for_every_task(kind, tmp_path):
-    model = tiny(kind)
+    model = tiny_model(kind)
     tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=32, seed=0)
     config = TrainConfig(lr=3e-2, batch_size=4, max_steps=25, warmup_steps=3, log_every=5, seed=0)
-    result = train(
-        model,
-        tuner,
-        data(kind),
+    options = RunOptions(
         pad_token_id=PAD,
         config=config,
         progress=False,
         log_path=tmp_path / "loss.csv",
         plot_path=tmp_path / "loss.png",
     )
+    result = train(model, tuner, data(kind), options)
     first, last = result.log[0], result.log[-1]
     assert result.step == 25 and len(result.log) == 5
     for key in ("loss", "loss/a", "loss/b"):
@@ -123,42 +74,23 @@ def test_loss_decreases_for_every_task(kind, tmp_path):
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(kind, tmp_path):
     """With model dropout and prefix dropout on (RNG state restored), across an epoch boundary, mid-warm-up."""
     config = TrainConfig(lr=5e-3, batch_size=4, max_steps=7, warmup_steps=5, log_every=2, seed=3)
+    options = RunOptions(pad_token_id=PAD, config=config, progress=False)
+    files = dict(checkpoint_dir=tmp_path / "ckpt", log_path=tmp_path / "log.csv")
 
     def fresh():
-        model = tiny(kind, dropout=True)
+        model = tiny_model(kind, dropout=0.1)
         return model, PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=16, prefix_dropout=0.2, seed=1)
 
     model, tuner = fresh()
-    full = train(model, tuner, data(kind, 7), pad_token_id=PAD, config=config, progress=False)
+    full = train(model, tuner, data(kind, 7), options)
     expected = state(tuner)
 
-    ckpt = tmp_path / "ckpt"
     model, tuner = fresh()
-    part = train(
-        model,
-        tuner,
-        data(kind, 7),
-        pad_token_id=PAD,
-        config=config,
-        progress=False,
-        checkpoint_dir=ckpt,
-        stop_after=5,
-        log_path=tmp_path / "log.csv",
-    )
+    part = train(model, tuner, data(kind, 7), options, stop_after=5, **files)
     assert part.step == 5
     torch.manual_seed(999)  # whatever happens in between must not matter
     model, tuner = fresh()
-    resumed = train(
-        model,
-        tuner,
-        data(kind, 7),
-        pad_token_id=PAD,
-        config=config,
-        progress=False,
-        checkpoint_dir=ckpt,
-        resume=True,
-        log_path=tmp_path / "log.csv",
-    )
+    resumed = train(model, tuner, data(kind, 7), options, resume=True, **files)
     assert resumed.step == 7
     got = state(tuner)
     for name, value in expected.items():
@@ -168,66 +100,26 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(kind, tmp_path):
 
 def test_resume_refuses_a_different_run(tmp_path):
     config = TrainConfig(lr=5e-3, batch_size=4, max_steps=4, seed=0)
-    model = tiny("gpt2")
+    options = RunOptions(pad_token_id=PAD, config=config, progress=False, checkpoint_dir=tmp_path)
+    model = tiny_model("gpt2")
     tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
-    train(
-        model,
-        tuner,
-        data("gpt2"),
-        pad_token_id=PAD,
-        config=config,
-        progress=False,
-        checkpoint_dir=tmp_path,
-        stop_after=2,
-    )
+    train(model, tuner, data("gpt2"), options, stop_after=2)
+    resuming = replace(options, resume=True)
     with pytest.raises(CheckpointError, match="lr"):
-        train(
-            model,
-            tuner,
-            data("gpt2"),
-            pad_token_id=PAD,
-            config=TrainConfig(lr=1e-3, batch_size=4, max_steps=4),
-            progress=False,
-            checkpoint_dir=tmp_path,
-            resume=True,
-        )
+        train(model, tuner, data("gpt2"), resuming, config=TrainConfig(lr=1e-3, batch_size=4, max_steps=4))
     with pytest.raises(CheckpointError, match="data differ"):
-        train(
-            model,
-            tuner,
-            data("gpt2", n=9),
-            pad_token_id=PAD,
-            config=config,
-            progress=False,
-            checkpoint_dir=tmp_path,
-            resume=True,
-        )
+        train(model, tuner, data("gpt2", n=9), resuming)
     other = PrefixTuner(model, {"a": 5, "b": 2}, mid_dim=8, seed=0)
     with pytest.raises(CheckpointError, match="tuner"):
-        train(
-            model,
-            other,
-            data("gpt2"),
-            pad_token_id=PAD,
-            config=config,
-            progress=False,
-            checkpoint_dir=tmp_path,
-            resume=True,
-        )
+        train(model, other, data("gpt2"), resuming)
 
 
 def test_a_task_without_rows_is_not_updated():
-    model = tiny("gpt2")
+    model = tiny_model("gpt2")
     tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
     before = state(tuner)
-    train(
-        model,
-        tuner,
-        {"a": data("gpt2")["a"]},
-        pad_token_id=PAD,
-        progress=False,
-        config=TrainConfig(lr=1e-2, batch_size=4, max_steps=3, weight_decay=0.1),
-    )
+    config = TrainConfig(lr=1e-2, batch_size=4, max_steps=3, weight_decay=0.1)
+    train(model, tuner, {"a": data("gpt2")["a"]}, RunOptions(pad_token_id=PAD, config=config, progress=False))
     after = state(tuner)
     for name in before:
         changed = not torch.equal(before[name], after[name])
@@ -237,10 +129,10 @@ def test_a_task_without_rows_is_not_updated():
 def test_gradient_checkpointing_trains_the_same(tmp_path):
     results = []
     for checkpointing in (False, True):
-        model = tiny("gpt2")
+        model = tiny_model("gpt2")
         tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
         config = TrainConfig(lr=1e-2, batch_size=4, max_steps=3, gradient_checkpointing=checkpointing)
-        train(model, tuner, data("gpt2"), pad_token_id=PAD, config=config, progress=False)
+        train(model, tuner, data("gpt2"), RunOptions(pad_token_id=PAD, config=config, progress=False))
         assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again
         results.append(state(tuner))
     for name, value in results[0].items():
@@ -248,16 +140,15 @@ def test_gradient_checkpointing_trains_the_same(tmp_path):
 
 
 def test_checkpoint_is_safetensors_and_rebuilds_the_tuner(tmp_path):
-    model = tiny("bart")
+    model = tiny_model("bart")
     tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
+    config = TrainConfig(lr=1e-2, batch_size=4, max_steps=2)
     train(
         model,
         tuner,
         data("bart"),
-        pad_token_id=PAD,
-        progress=False,
+        RunOptions(pad_token_id=PAD, config=config, progress=False),
         checkpoint_dir=tmp_path,
-        config=TrainConfig(lr=1e-2, batch_size=4, max_steps=2),
     )
     path = tmp_path / CHECKPOINT_FILE
     with safe_open(str(path), framework="pt") as f:
@@ -278,16 +169,40 @@ def test_checkpoint_is_safetensors_and_rebuilds_the_tuner(tmp_path):
 
 
 def test_bart_training_moves_all_three_sites():
-    model = tiny("bart")
+    model = tiny_model("bart")
     tuner = PrefixTuner(model, {"a": 4}, mid_dim=8, seed=0)
     before = {s: kv.detach().clone() for s, kv in tuner.task_kv("a").items()}
-    train(
-        model,
-        tuner,
-        {"a": data("bart")["a"]},
-        pad_token_id=PAD,
-        progress=False,
-        config=TrainConfig(lr=1e-2, batch_size=4, max_steps=2),
-    )
+    config = TrainConfig(lr=1e-2, batch_size=4, max_steps=2)
+    train(model, tuner, {"a": data("bart")["a"]}, RunOptions(pad_token_id=PAD, config=config, progress=False))
     for site, kv in tuner.task_kv("a").items():
         assert not torch.allclose(kv, before[site]), site
+
+
+def test_keyword_options_are_the_run_options():
+    """``train(..., pad_token_id=..., config=...)`` is ``train(..., RunOptions(...))``; keywords override options."""
+    config = TrainConfig(lr=1e-2, batch_size=4, max_steps=2)
+    results = []
+    for call in ("keywords", "options", "override"):
+        model = tiny_model("gpt2")
+        tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
+        if call == "keywords":
+            result = train(model, tuner, data("gpt2"), pad_token_id=PAD, config=config, progress=False)
+        elif call == "options":
+            result = train(
+                model, tuner, data("gpt2"), RunOptions(pad_token_id=PAD, config=config, progress=False)
+            )
+        else:
+            options = RunOptions(pad_token_id=PAD, config=TrainConfig(max_steps=1), progress=False)
+            result = train(model, tuner, data("gpt2"), options, config=config)
+        assert result.step == 2
+        results.append((result.log, state(tuner)))
+    for log, params in results[1:]:
+        assert log == results[0][0]
+        for name, value in results[0][1].items():
+            assert torch.equal(params[name], value), name
+    model = tiny_model("gpt2")
+    tuner = PrefixTuner(model, {"a": 4, "b": 2}, mid_dim=8, seed=0)
+    with pytest.raises(TypeError, match="eval_evry"):
+        train(model, tuner, data("gpt2"), pad_token_id=PAD, eval_evry=2)
+    with pytest.raises(TypeError, match="RunOptions"):
+        train(model, tuner, data("gpt2"), PAD)

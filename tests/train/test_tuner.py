@@ -182,37 +182,31 @@ def test_materialized_bank_gives_the_tuners_logits_and_tokens(kind):
     tuner.eval()  # no prefix dropout
     batch = batch_for(kind, [6, 6, 6])
     ids = ["a", "b", None]
-    tuner.attach(model)
-    with torch.no_grad():
-        kwargs = {"attention_mask": batch["attention_mask"], "prefix_ids": tuner.ids(ids)}
+
+    @torch.no_grad()
+    def logits_and_tokens(prefix_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {"attention_mask": batch["attention_mask"], "prefix_ids": prefix_ids}
         if kind == "bart":
             kwargs["decoder_input_ids"] = batch["labels"].clamp(min=3)
-        tuned = model(batch["input_ids"], **kwargs).logits
-        tuned_tokens = model.generate(
+        logits = model(batch["input_ids"], **kwargs).logits
+        tokens = model.generate(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            prefix_ids=tuner.ids(ids),
+            prefix_ids=prefix_ids,
             max_new_tokens=5,
             do_sample=False,
             num_beams=2,
             pad_token_id=1,
         )
+        return logits, tokens
+
+    tuner.attach(model)
+    tuned, tuned_tokens = logits_and_tokens(tuner.ids(ids))
     tuner.detach(model)
     bank = tuner.materialize()
     assert bank.names == ["a", "b"] and bank.lengths("decoder").tolist() == [5, 3]
     prefixrt.attach(model, bank)
-    with torch.no_grad():
-        kwargs["prefix_ids"] = bank.ids(ids)
-        banked = model(batch["input_ids"], **kwargs).logits
-        banked_tokens = model.generate(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            prefix_ids=bank.ids(ids),
-            max_new_tokens=5,
-            do_sample=False,
-            num_beams=2,
-            pad_token_id=1,
-        )
+    banked, banked_tokens = logits_and_tokens(bank.ids(ids))
     prefixrt.detach(model)
     torch.testing.assert_close(banked, tuned, atol=0, rtol=0)
     assert torch.equal(banked_tokens, tuned_tokens)

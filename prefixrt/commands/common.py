@@ -1,8 +1,11 @@
-"""The model options that ``prefixrt train`` and ``prefixrt eval`` share (each adds its own ``--model``)."""
+"""What ``prefixrt train`` and ``prefixrt eval`` share: the model options (each adds its own ``--model``), the
+default device, and how a bad input is reported."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 
 def add_model_options(group: argparse._ArgumentGroup) -> None:
@@ -29,3 +32,15 @@ def default_device(requested: str | None) -> str:
     import torch
 
     return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_reporting_errors(
+    command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """``body(args)``; a bad input (ValueError, FileNotFoundError, KeyError) is printed as
+    ``prefixrt COMMAND: error: ...`` on stderr and returns 2, as argparse does for a bad command line."""
+    try:
+        return body(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"prefixrt {command}: error: {err}", file=sys.stderr)
+        return 2
