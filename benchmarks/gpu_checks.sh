@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session's checks in one command (the device machine is lent by the minute): the Triton kernel tests
 # on CUDA (bf16 included) and the CUDA-graph generation tests, the Triton attention benchmark, and the end-to-end
-# generation benchmark at issue 4's GPU size (64 prefixes x 4 requests). Every step is bounded by `timeout` and
+# generation benchmark at its GPU size (64 prefixes x 4 requests). Every step is bounded by `timeout` and
 # logs under $OUT, so one that breaks still leaves the others' results.
 # Usage (repository root, CUDA machine): OUT=out/gpu bash benchmarks/gpu_checks.sh
 set -u
