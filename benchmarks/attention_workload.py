@@ -35,7 +35,6 @@ __all__ = [
     "gather_concat",
     "make_args",
     "public_op",
-    "reference_inputs",
     "sdpa_concat",
     "with_leaves",
 ]
@@ -112,13 +111,6 @@ def public_op(args: ops.AttentionArgs, backend: str) -> tuple[torch.Tensor, torc
         args.q, args.k, args.v, args.bank, args.plan, args.key_padding_mask, args.causal, args.scale,
         backend=backend,
     )  # fmt: skip
-
-
-def reference_inputs(args: ops.AttentionArgs) -> tuple:
-    """The oracle's positional arguments (``prefix_attention_reference``, ``..._reference_backward`` after
-    ``dout``): ``(q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale)``."""
-    return (args.q, args.k, args.v, args.bank.k, args.bank.v, args.prefix_ids, args.bank.offsets,
-            args.key_padding_mask, args.causal, args.scale)  # fmt: skip
 
 
 # -- what the call must compute and move --------------------------------------------------------------------------

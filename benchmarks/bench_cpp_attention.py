@@ -39,14 +39,13 @@ from attention_workload import (
     flops,
     make_args,
     public_op,
-    reference_inputs,
     sdpa_concat,
     with_leaves,
 )
 
 from prefixrt import ops
 from prefixrt.ops.cpp.backend import cpp_backward, cpp_forward
-from prefixrt.ops.reference import prefix_attention_reference_backward
+from prefixrt.ops.reference_backend import reference_backward
 
 HEADS, HEAD_DIM, PREFIX_LEN = 12, 64, 200
 DECODE = dict(rows=32, prefixes=8, q_len=1, k_len=65, causal=True)
@@ -96,7 +95,7 @@ def backward_closures(args: ops.AttentionArgs) -> dict[str, Callable]:
     dout = torch.randn_like(out)
     return {
         "cpp": lambda: cpp_backward(args, dout, out, lse),
-        "reference": lambda: prefix_attention_reference_backward(dout, *reference_inputs(args)),
+        "reference": lambda: reference_backward(args, dout, out, lse),
     }
 
 
