@@ -2,9 +2,10 @@
 
 Baselines copy each row's prefix out of the bank and concatenate it with the row's own keys (what PEFT does;
 the gather is inside the timed region), then run HF-eager-style attention (matmul, additive mask, softmax,
-matmul) or PyTorch SDPA (what HF's default "sdpa" attention calls). "reference" is prefixrt's oracle backend.
+matmul) or PyTorch SDPA (what HF's default "sdpa" attention calls); workload and baselines are
+``attention_workload.py``'s. "reference" is prefixrt's oracle backend.
 
-Shapes: GPT-2-small attention (12 heads, head dim 64), one layer, fp32 and bf16.
+Shapes: one GPT-2-small attention layer (12 heads, head dim 64), fp32 and bf16.
 * decode: 32 rows over 8 prefixes (ids interleaved), P=200, 64 cached tokens + the new one, one query per row;
 * prefill: 8 rows over 4 prefixes, P=200, T=128, causal; also its backward (training).
 
@@ -28,16 +29,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from attention_workload import (
+    bytes_moved,
+    eager_concat,
+    flops,
+    make_args,
+    public_op,
+    sdpa_concat,
+    with_leaves,
+)
 
 from prefixrt import ops
 from prefixrt.ops.cpp.backend import cpp_backward, cpp_forward
-from prefixrt.ops.reference import prefix_attention_reference_backward
+from prefixrt.ops.reference_backend import reference_backward
 
 HEADS, HEAD_DIM, PREFIX_LEN = 12, 64, 200
 DECODE = dict(rows=32, prefixes=8, q_len=1, k_len=65, causal=True)
@@ -45,122 +53,49 @@ PREFILL = dict(rows=8, prefixes=4, q_len=128, k_len=128, causal=True)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass
-class Workload:
-    """One attention call: q ``[B, H, Tq, D]``, k/v ``[B, H, Tk, D]``, a bank ``[H, N*P, D]`` of P-token entries."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    bank_k: torch.Tensor
-    bank_v: torch.Tensor
-    prefix_ids: torch.Tensor
-    bank_offsets: torch.Tensor
-    causal: bool
-
-    @property
-    def args(self) -> tuple:
-        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets)
-
-    def flops(self) -> float:
-        """Forward FLOPs over the visible (query, key) pairs: ``4 * D`` per pair and head."""
-        b, h, tq, d = self.q.shape
-        tk = self.k.shape[2]
-        own = sum(min(tk, i + 1 + tk - tq) for i in range(tq)) if self.causal else tq * tk
-        return 4.0 * d * h * b * (tq * PREFIX_LEN + own)
-
-    def bytes_moved(self) -> float:
-        """Bytes that must move: each distinct prefix's K/V once, each row's own K/V, q and out."""
-        b, h, tq, d = self.q.shape
-        distinct = int(self.prefix_ids.unique().numel())
-        return (
-            self.q.element_size() * h * d * (2 * distinct * PREFIX_LEN + 2 * b * self.k.shape[2] + 2 * b * tq)
-        )
-
-
-def make_workload(rows, prefixes, q_len, k_len, causal, dtype=torch.float32) -> Workload:
-    """Prefill k/v are transposed views of ``[B, T, H, D]`` (fresh projections, as HF hands them over);
-    decode k/v are contiguous ``[B, H, T, D]`` (a KV cache)."""
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    def own():
-        return (
-            randn(rows, HEADS, k_len, HEAD_DIM)
-            if q_len == 1
-            else randn(rows, k_len, HEADS, HEAD_DIM).transpose(1, 2)
-        )
-
-    return Workload(
-        q=randn(rows, HEADS, q_len, HEAD_DIM),
-        k=own(),
-        v=own(),
-        bank_k=randn(HEADS, prefixes * PREFIX_LEN, HEAD_DIM),
-        bank_v=randn(HEADS, prefixes * PREFIX_LEN, HEAD_DIM),
-        prefix_ids=torch.arange(rows) % prefixes,
-        bank_offsets=torch.arange(prefixes + 1) * PREFIX_LEN,
-        causal=causal,
-    )
+def make_workload(rows, prefixes, q_len, k_len, causal, dtype=torch.float32) -> ops.AttentionArgs:
+    """One call at these shapes (P-token entries, ``HEADS`` heads of ``HEAD_DIM``). Prefill k/v are transposed
+    views of ``[B, T, H, D]`` (fresh projections, as HF hands them over); decode k/v are contiguous
+    ``[B, H, T, D]`` (a KV cache)."""
+    return make_args(rows=rows, prefixes=prefixes, prefix_len=PREFIX_LEN, q_len=q_len, k_len=k_len, heads=HEADS,
+                     head_dim=HEAD_DIM, dtype=dtype, causal=causal,
+                     kv_layout="contiguous" if q_len == 1 else "transposed")  # fmt: skip
 
 
 # -- the ways to compute it
 
 
-def concatenated(w: Workload):
-    """Keys/values ``[B, H, P+Tk, D]`` with each row's prefix copied in front, and the visibility ``[Tq, P+Tk]``."""
-    tq, tk = w.q.shape[2], w.k.shape[2]
-    index = w.bank_offsets[w.prefix_ids][:, None] + torch.arange(PREFIX_LEN)  # [B, P]
-    keys = torch.cat([w.bank_k[:, index].transpose(0, 1), w.k], dim=2)
-    values = torch.cat([w.bank_v[:, index].transpose(0, 1), w.v], dim=2)
-    own = (
-        torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
-        if w.causal
-        else torch.ones(tq, tk, dtype=torch.bool)
-    )
-    visible = torch.cat([torch.ones(tq, PREFIX_LEN, dtype=torch.bool), own], dim=1)
-    return keys, values, visible
+def cpp(args: ops.AttentionArgs):
+    return public_op(args, "cpp")
 
 
-def eager_concatenated(w: Workload) -> torch.Tensor:
-    """HF eager attention on concatenated prefixes: matmul, additive mask, softmax in fp32, matmul."""
-    keys, values, visible = concatenated(w)
-    mask = torch.zeros(visible.shape, dtype=w.q.dtype).masked_fill(~visible, torch.finfo(w.q.dtype).min)
-    scores = w.q @ keys.transpose(-1, -2) * HEAD_DIM**-0.5 + mask
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(w.q.dtype) @ values
+def reference(args: ops.AttentionArgs):
+    return public_op(args, "reference")
 
 
-def sdpa_concatenated(w: Workload) -> torch.Tensor:
-    """PyTorch SDPA on concatenated prefixes (HF's "sdpa" attention)."""
-    keys, values, visible = concatenated(w)
-    return F.scaled_dot_product_attention(w.q, keys, values, attn_mask=visible)
+def eager(args: ops.AttentionArgs):
+    return eager_concat(args, PREFIX_LEN)
 
 
-def reference(w: Workload):
-    return ops.prefix_attention(*w.args, causal=w.causal, backend="reference")
-
-
-def cpp(w: Workload):
-    return ops.prefix_attention(*w.args, causal=w.causal, backend="cpp")
+def sdpa(args: ops.AttentionArgs):
+    return sdpa_concat(args, PREFIX_LEN)
 
 
 METHODS: dict[str, Callable] = {
     "cpp": cpp,
     "reference": reference,
-    "eager-concat": eager_concatenated,
-    "sdpa-concat": sdpa_concatenated,
+    "eager-concat": eager,
+    "sdpa-concat": sdpa,
 }
 
 
-def backward_closures(w: Workload) -> dict[str, Callable]:
+def backward_closures(args: ops.AttentionArgs) -> dict[str, Callable]:
     """The backward alone (forward results precomputed), C++ vs the reference's explicit softmax backward."""
-    scale = HEAD_DIM**-0.5
-    out, lse = cpp_forward(*w.args, None, w.causal, scale)
+    out, lse = cpp_forward(args)
     dout = torch.randn_like(out)
     return {
-        "cpp": lambda: cpp_backward(dout, *w.args, None, w.causal, scale, out, lse),
-        "reference": lambda: prefix_attention_reference_backward(dout, *w.args, None, w.causal, scale),
+        "cpp": lambda: cpp_backward(args, dout, out, lse),
+        "reference": lambda: reference_backward(args, dout, out, lse),
     }
 
 
@@ -172,20 +107,22 @@ def _record(benchmark):
     return benchmark
 
 
+def _forward(benchmark, shape: dict, method: str) -> None:
+    args = make_workload(**shape)
+    with torch.no_grad():
+        _record(benchmark)(METHODS[method], args)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.benchmark(group="cpu-decode-attention-fp32")
 def test_decode(benchmark, method):
-    w = make_workload(**DECODE)
-    with torch.no_grad():
-        _record(benchmark)(METHODS[method], w)
+    _forward(benchmark, DECODE, method)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.benchmark(group="cpu-prefill-attention-fp32")
 def test_prefill(benchmark, method):
-    w = make_workload(**PREFILL)
-    with torch.no_grad():
-        _record(benchmark)(METHODS[method], w)
+    _forward(benchmark, PREFILL, method)
 
 
 @pytest.mark.parametrize("method", ["cpp", "reference"])
@@ -303,17 +240,16 @@ SWEEP = [
 ]
 
 
-def _time_backend(args: tuple, causal: bool, backend: str, min_time: float) -> tuple[float, float, float]:
+def _time_backend(args: ops.AttentionArgs, backend: str, min_time: float) -> tuple[float, float, float]:
     """Forward (no grad) and forward + backward through the public op: one-thread CPU-time medians (ms), and
     the forward's min wall time on all threads."""
 
     def forward():
         with torch.no_grad():
-            ops.prefix_attention(*args, causal=causal, backend=backend)
+            public_op(args, backend)
 
     def train():
-        leaves = [t.detach().requires_grad_(True) for t in args[:5]]
-        ops.prefix_attention(*leaves, *args[5:], causal=causal, backend=backend)[0].sum().backward()
+        public_op(with_leaves(args), backend)[0].sum().backward()
 
     return (
         single_thread_cpu_ms(forward, min_time),
@@ -326,17 +262,16 @@ def sweep(min_time: float) -> list[dict]:
     """cpp vs reference from tiny to large calls, forward and forward+backward (what "auto" ranks on)."""
     rows = []
     for b, h, tq, tk, d, p, n, causal in SWEEP:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(b, h, t, d, generator=g) for t in (tq, tk, tk))
-        bank_k, bank_v = torch.randn(h, n * p, d, generator=g), torch.randn(h, n * p, d, generator=g)
-        args = (q, k, v, bank_k, bank_v, torch.arange(b) % n, torch.arange(n + 1) * p)
+        args = make_args(
+            rows=b, prefixes=n, prefix_len=p, q_len=tq, k_len=tk, heads=h, head_dim=d, causal=causal
+        )
         row = dict(
             shape=dict(
                 rows=b, heads=h, q_len=tq, k_len=tk, head_dim=d, prefix_len=p, entries=n, causal=causal
             )
         )
         for backend in ("cpp", "reference"):
-            times = _time_backend(args, causal, backend, min_time)
+            times = _time_backend(args, backend, min_time)
             row[f"{backend}_fwd_ms"], row[f"{backend}_fwd_bwd_ms"], row[f"{backend}_fwd_wall_min_ms"] = times
         row["speedup_fwd"] = row["reference_fwd_ms"] / row["cpp_fwd_ms"]
         row["speedup_fwd_bwd"] = row["reference_fwd_bwd_ms"] / row["cpp_fwd_bwd_ms"]
@@ -362,15 +297,16 @@ def run_all(quick: bool = False) -> dict:
     min_time = 0.2 if quick else 1.0
     for case, shape in (("decode", DECODE), ("prefill", PREFILL)):
         for dtype in (torch.float32, torch.bfloat16):
-            w = make_workload(**shape, dtype=dtype)
+            args = make_workload(**shape, dtype=dtype)
+            work, nbytes = flops(args, PREFIX_LEN), bytes_moved(args, PREFIX_LEN)
             with torch.no_grad():
                 for method, fn in METHODS.items():
-                    fwd = lambda fn=fn, w=w: fn(w)  # noqa: E731
-                    rows.append(_row(case, dtype, method, fwd, w.flops(), w.bytes_moved(), min_time))
+                    fwd = lambda fn=fn, args=args: fn(args)  # noqa: E731
+                    rows.append(_row(case, dtype, method, fwd, work, nbytes, min_time))
             if case == "prefill":
-                for method, fn in backward_closures(w).items():
+                for method, fn in backward_closures(args).items():
                     rows.append(
-                        _row("prefill-backward", dtype, method, fn, 2.5 * w.flops(), float("nan"), min_time)
+                        _row("prefill-backward", dtype, method, fn, 2.5 * work, float("nan"), min_time)
                     )
     for row in rows:
         ref = next(r for r in rows if r["case"] == row["case"] and r["dtype"] == row["dtype"]

@@ -1,4 +1,4 @@
-"""Generation speed: end-to-end mixed-prefix generation, prefixrt vs the usual ways, in one session.
+"""End-to-end mixed-prefix generation speed, prefixrt vs the usual ways, in one session.
 
 Workload (:mod:`prefixrt.bench.generation`): GPT-2-small size (12 layers, 768 wide, 12 heads; seeded random
 weights), 8 prefixes x 4 requests, 32-token prompts, 64 new tokens, greedy, P = 10 and 200. Cases, per P:

@@ -1,11 +1,12 @@
 """Triton prefix attention vs the ways prefix-tuning is usually run: forward, forward+backward and decode.
 
 Baselines copy each row's prefix out of the bank and concatenate it with the row's own keys (what PEFT does),
-then run HF-eager-style attention (matmul, masked softmax in fp32, matmul) or PyTorch SDPA; the gather is
-inside the timed region. Decode also compares with per-row prefix copies already sitting in every row's KV
-cache (PEFT's cache layout: no gather per step, but every row reads its own copy).
+then run HF-eager-style attention (matmul, additive mask, softmax in fp32, matmul) or PyTorch SDPA; the gather
+is inside the timed region. Decode also compares with per-row prefix copies already sitting in every row's KV
+cache (PEFT's cache layout: no gather per step, but every row reads its own copy). Workload and baselines are
+``attention_workload.py``'s.
 
-Shapes: GPT-2-medium attention (16 heads, head dim 64), bf16, one layer.
+Shapes: one GPT-2-medium attention layer (16 heads, head dim 64), bf16.
 * prefill / training: 64 rows over 8 prefixes (ids interleaved), P=200, T=512, causal;
 * decode: 256 rows over 8 prefixes, P=200, 64..512 cached tokens, one query per row.
 
@@ -24,135 +25,75 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from attention_workload import (
+    Concatenated,
+    bytes_moved,
+    eager_concat,
+    flops,
+    gather_concat,
+    make_args,
+    public_op,
+    sdpa_concat,
+)
 
 from prefixrt import ops
 
 HAS_CUDA = torch.cuda.is_available()
-HEADS, HEAD_DIM, DTYPE = 16, 64, torch.bfloat16
-PREFILL = dict(rows=64, prefixes=8, prefix_len=200, q_len=512, k_len=512)
+HEADS, HEAD_DIM, DTYPE, PREFIX_LEN = 16, 64, torch.bfloat16, 200
+PREFILL = dict(rows=64, prefixes=8, prefix_len=PREFIX_LEN, q_len=512, k_len=512)
 DECODE_CACHED = (64, 256, 512)
-DECODE = dict(rows=256, prefixes=8, prefix_len=200)
+DECODE = dict(rows=256, prefixes=8, prefix_len=PREFIX_LEN)
 # Datasheet peaks (dense bf16 TFLOP/s, HBM GB/s) by device-name fragment; the run also measures its own.
 SPEC_PEAKS = {"H200": (989.0, 4800.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0)}
 
 
-@dataclass
-class Workload:
-    """One attention call: own q/k/v ``[B, H, T*, D]``, a bank ``[H, N*P, D]`` of equal-length entries."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    bank_k: torch.Tensor
-    bank_v: torch.Tensor
-    prefix_ids: torch.Tensor
-    bank_offsets: torch.Tensor
-    prefix_len: int
-    causal: bool
-
-    @property
-    def op_args(self):
-        return (self.q, self.k, self.v, self.bank_k, self.bank_v, self.prefix_ids, self.bank_offsets)
-
-    def flops(self) -> float:
-        """Forward FLOPs over the visible (query, key) pairs: ``4 * D`` per pair per head."""
-        b, h, tq, d = self.q.shape
-        tk = self.k.shape[2]
-        own = sum(min(tk, i + 1 + tk - tq) for i in range(tq)) if self.causal else tq * tk
-        return 4.0 * d * h * b * (tq * self.prefix_len + own)
-
-    def bytes_read(self) -> float:
-        """Bytes that must move: each distinct prefix once, each row's own K/V, q and out."""
-        b, h, tq, d = self.q.shape
-        item = self.q.element_size()
-        distinct = int(self.prefix_ids.unique().numel())
-        return item * h * d * (2 * distinct * self.prefix_len + 2 * b * self.k.shape[2] + 2 * b * tq)
-
-
 def make_workload(rows, prefixes, prefix_len, q_len, k_len, causal, requires_grad=False, device="cuda"):
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape):
-        t = torch.randn(*shape, generator=g).to(device=device, dtype=DTYPE)
-        return t.requires_grad_(requires_grad)
-
-    q, k, v = (
-        randn(rows, HEADS, q_len, HEAD_DIM),
-        randn(rows, HEADS, k_len, HEAD_DIM),
-        randn(rows, HEADS, k_len, HEAD_DIM),
-    )
-    bank_k, bank_v = (
-        randn(HEADS, prefixes * prefix_len, HEAD_DIM),
-        randn(HEADS, prefixes * prefix_len, HEAD_DIM),
-    )
-    offsets = torch.arange(prefixes + 1, device=device) * prefix_len
-    ids = torch.arange(rows, device=device) % prefixes
-    return Workload(q, k, v, bank_k, bank_v, ids, offsets, prefix_len, causal)
+    """One call at these shapes (``HEADS`` heads of ``HEAD_DIM``, ``DTYPE``; own K/V contiguous)."""
+    return make_args(rows=rows, prefixes=prefixes, prefix_len=prefix_len, q_len=q_len, k_len=k_len, heads=HEADS,
+                     head_dim=HEAD_DIM, dtype=DTYPE, device=device, causal=causal,
+                     requires_grad=requires_grad)  # fmt: skip
 
 
 # -- the implementations ----------------------------------------------------------------------------------------
-def gather_concat(w: Workload):
-    """Each row's prefix copied out of the bank and concatenated with its keys, and the visibility mask
-    ``[Tq, P + Tk]`` (None when every key is visible: no causal cut, e.g. one decode query)."""
-    index = w.bank_offsets[w.prefix_ids][:, None] + torch.arange(w.prefix_len, device=w.q.device)  # [B, P]
-    keys = torch.cat([w.bank_k[:, index].transpose(0, 1), w.k], dim=2)  # [B, H, P + Tk, D]
-    values = torch.cat([w.bank_v[:, index].transpose(0, 1), w.v], dim=2)
-    tq, tk = w.q.shape[2], w.k.shape[2]
-    if not w.causal or tq == 1:
-        return keys, values, None
-    own = torch.ones(tq, tk, dtype=torch.bool, device=w.q.device).tril(tk - tq)
-    visible = torch.cat([torch.ones(tq, w.prefix_len, dtype=torch.bool, device=w.q.device), own], dim=1)
-    return keys, values, visible
+def triton(args: ops.AttentionArgs):
+    return public_op(args, "triton")[0]
 
 
-def eager(w: Workload, keys=None, values=None, visible=None):
-    """HF eager attention: matmul, masked softmax in fp32, matmul."""
-    if keys is None:
-        keys, values, visible = gather_concat(w)
-    scores = (w.q @ keys.transpose(-1, -2)) * HEAD_DIM**-0.5
-    if visible is not None:
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(w.q.dtype) @ values
+def eager(args: ops.AttentionArgs, copies: Concatenated | None = None):
+    """``copies``: :func:`gather_concat`'s result made beforehand (a cache holding per-row prefix copies)."""
+    return eager_concat(args, PREFIX_LEN, copies)
 
 
-def sdpa(w: Workload, keys=None, values=None, visible=None):
-    """PyTorch SDPA on the concatenated K/V, with a boolean mask when some key is hidden."""
-    if keys is None:
-        keys, values, visible = gather_concat(w)
-    return torch.nn.functional.scaled_dot_product_attention(w.q, keys, values, attn_mask=visible)
-
-
-def triton(w: Workload):
-    return ops.prefix_attention(*w.op_args, causal=w.causal, backend="triton")[0]
+def sdpa(args: ops.AttentionArgs, copies: Concatenated | None = None):
+    return sdpa_concat(args, PREFIX_LEN, copies)
 
 
 FORWARD = {"triton": triton, "eager_concat": eager, "sdpa_concat": sdpa}
 
 
-def forward_backward(fn, w: Workload, dout: torch.Tensor):
+def forward_backward(fn, args: ops.AttentionArgs, dout: torch.Tensor):
     def run():
-        for t in (w.q, w.k, w.v, w.bank_k, w.bank_v):
+        for t in (args.q, args.k, args.v, args.bank.k, args.bank.v):
             t.grad = None
-        fn(w).backward(dout)
+        fn(args).backward(dout)
 
     return run
 
 
-def decode_cases(w: Workload):
+def decode_cases(args: ops.AttentionArgs):
     """Decode implementations; the per-row-copy ones get their cache (prefix inside) built once, untimed."""
-    keys, values, visible = gather_concat(w)
-    keys, values = keys.contiguous(), values.contiguous()
+    keys, values, visible = gather_concat(args, PREFIX_LEN)
+    copies = keys.contiguous(), values.contiguous(), visible
     return {
-        "triton": lambda: triton(w),
-        "sdpa_concat": lambda: sdpa(w),
-        "eager_concat": lambda: eager(w),
-        "sdpa_per_row_copies": lambda: sdpa(w, keys, values, visible),
-        "eager_per_row_copies": lambda: eager(w, keys, values, visible),
+        "triton": lambda: triton(args),
+        "sdpa_concat": lambda: sdpa(args),
+        "eager_concat": lambda: eager(args),
+        "sdpa_per_row_copies": lambda: sdpa(args, copies),
+        "eager_per_row_copies": lambda: eager(args, copies),
     }
 
 
@@ -160,7 +101,7 @@ def decode_cases(w: Workload):
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="the Triton benchmarks need a CUDA device")
 
 
-def _bench(benchmark, fn, w: Workload, flops: float):
+def _bench(benchmark, fn, args: ops.AttentionArgs, work: float):
     def run():
         fn()
         torch.cuda.synchronize()
@@ -170,8 +111,8 @@ def _bench(benchmark, fn, w: Workload, flops: float):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
-        tflops=flops / mean_s / 1e12,
-        gbps=w.bytes_read() / mean_s / 1e9,
+        tflops=work / mean_s / 1e12,
+        gbps=bytes_moved(args, PREFIX_LEN) / mean_s / 1e9,
     )
 
 
@@ -179,18 +120,18 @@ def _bench(benchmark, fn, w: Workload, flops: float):
 @pytest.mark.benchmark(group="triton-prefill-forward")
 @pytest.mark.parametrize("impl", list(FORWARD))
 def test_forward(benchmark, impl):
-    w = make_workload(**PREFILL, causal=True)
+    args = make_workload(**PREFILL, causal=True)
     with torch.no_grad():
-        _bench(benchmark, lambda: FORWARD[impl](w), w, w.flops())
+        _bench(benchmark, lambda: FORWARD[impl](args), args, flops(args, PREFIX_LEN))
 
 
 @needs_cuda
 @pytest.mark.benchmark(group="triton-prefill-forward-backward")
 @pytest.mark.parametrize("impl", list(FORWARD))
 def test_forward_backward(benchmark, impl):
-    w = make_workload(**PREFILL, causal=True, requires_grad=True)
-    dout = torch.randn_like(w.q)
-    _bench(benchmark, forward_backward(FORWARD[impl], w, dout), w, 3.5 * w.flops())
+    args = make_workload(**PREFILL, causal=True, requires_grad=True)
+    dout = torch.randn_like(args.q)
+    _bench(benchmark, forward_backward(FORWARD[impl], args, dout), args, 3.5 * flops(args, PREFIX_LEN))
 
 
 @needs_cuda
@@ -200,9 +141,9 @@ def test_forward_backward(benchmark, impl):
     "impl", ["triton", "sdpa_concat", "eager_concat", "sdpa_per_row_copies", "eager_per_row_copies"]
 )
 def test_decode(benchmark, impl, cached):
-    w = make_workload(**DECODE, q_len=1, k_len=cached, causal=True)
+    args = make_workload(**DECODE, q_len=1, k_len=cached, causal=True)
     with torch.no_grad():
-        _bench(benchmark, decode_cases(w)[impl], w, w.flops())
+        _bench(benchmark, decode_cases(args)[impl], args, flops(args, PREFIX_LEN))
 
 
 # -- standalone run: one command, a table and a JSON file -----------------------------------------------------------
@@ -247,40 +188,43 @@ def run_all() -> list[dict]:
 
     results = []
 
-    def record(case, impl, ms, w, flops, ms_cuda_graph=None, **extra):
-        row = dict(case=case, impl=impl, ms=ms, tflops=flops / ms / 1e9, gbps=w.bytes_read() / ms / 1e6)
+    def record(case, impl, ms, args, work, ms_cuda_graph=None, **extra):
+        nbytes = bytes_moved(args, PREFIX_LEN)
+        row = dict(case=case, impl=impl, ms=ms, tflops=work / ms / 1e9, gbps=nbytes / ms / 1e6)
         if ms_cuda_graph:
-            row.update(ms_cuda_graph=ms_cuda_graph, gbps_cuda_graph=w.bytes_read() / ms_cuda_graph / 1e6)
+            row.update(ms_cuda_graph=ms_cuda_graph, gbps_cuda_graph=nbytes / ms_cuda_graph / 1e6)
         results.append(dict(row, **extra))
 
-    w = make_workload(**PREFILL, causal=True)
+    args = make_workload(**PREFILL, causal=True)
     with torch.no_grad():
-        expected = sdpa(w)
+        expected = sdpa(args)
         for impl, fn in FORWARD.items():
-            record("forward", impl, do_bench(lambda fn=fn: fn(w)), w, w.flops(),
-                   max_abs_diff_vs_sdpa=_max_diff(fn(w), expected))  # fmt: skip
-    del w, expected
-    w = make_workload(**PREFILL, causal=True, requires_grad=True)
-    dout = torch.randn_like(w.q)
+            record("forward", impl, do_bench(lambda fn=fn: fn(args)), args, flops(args, PREFIX_LEN),
+                   max_abs_diff_vs_sdpa=_max_diff(fn(args), expected))  # fmt: skip
+    del args, expected
+    args = make_workload(**PREFILL, causal=True, requires_grad=True)
+    dout = torch.randn_like(args.q)
     for impl, fn in FORWARD.items():
-        record("forward_backward", impl, do_bench(forward_backward(fn, w, dout)), w, 3.5 * w.flops())
-    del w, dout
+        ms = do_bench(forward_backward(fn, args, dout))
+        record("forward_backward", impl, ms, args, 3.5 * flops(args, PREFIX_LEN))
+    del args, dout
     for cached in DECODE_CACHED:
-        w = make_workload(**DECODE, q_len=1, k_len=cached, causal=True)
+        args = make_workload(**DECODE, q_len=1, k_len=cached, causal=True)
         with torch.no_grad():
-            cases = decode_cases(w)
+            cases = decode_cases(args)
             expected = cases["sdpa_per_row_copies"]()
             for impl, fn in cases.items():
                 # A decode step is a few microseconds of GPU work, so a plain call measures the launch
                 # overhead; generation replays the step as a CUDA graph (prefixrt.engine.capture), so the
                 # graph time is the one the targets use.
-                record(f"decode_cached{cached}", impl, do_bench(fn), w, w.flops(),
+                record(f"decode_cached{cached}", impl, do_bench(fn), args, flops(args, PREFIX_LEN),
                        ms_cuda_graph=graph_ms(fn), max_abs_diff_vs_sdpa=_max_diff(fn(), expected))  # fmt: skip
     return results
 
 
 def targets(results: list[dict], peaks: dict) -> dict:
-    """The speed targets (each ratio's threshold is in its name), with the measured value and whether it is met."""
+    """The speed targets (Triton against eager and SDPA, the share of the bf16 peak and of the bandwidth
+    roofline, decode against per-row copies), each with the measured value and whether it is met."""
     ms = {(r["case"], r["impl"]): r for r in results}
     out = {}
     fb = lambda impl: ms[("forward_backward", impl)]["ms"]

@@ -46,20 +46,17 @@ def candidates(kind: str) -> list[KernelConfig]:
 
 
 def sweep(kind: str, top: int) -> list[dict]:
-    scale = 64**-0.5
     if kind == "decode":
-        w = make_workload(**DECODE, q_len=1, k_len=256, causal=True)
-        args = (w.q, w.k, w.v, w.bank_k, w.bank_v, w.prefix_ids, w.bank_offsets, None, scale)
-        run = lambda c, splits=None: prefix_decode(*args, config=c, kv_splits=splits)[0]
+        args = make_workload(**DECODE, q_len=1, k_len=256, causal=True)
+        run = lambda c, splits=None: prefix_decode(args, kv_splits=splits, config=c)[0]
     else:
-        w = make_workload(**PREFILL, causal=True)
-        args = (w.q, w.k, w.v, w.bank_k, w.bank_v, w.prefix_ids, w.bank_offsets, None, True, scale)
+        args = make_workload(**PREFILL, causal=True)
         if kind == "fwd":
-            run = lambda c: prefix_attention_fwd(*args, config=c)[0]
+            run = lambda c: prefix_attention_fwd(args, config=c)[0]
         else:
-            out, lse = prefix_attention_fwd(*args)
+            out, lse = prefix_attention_fwd(args)
             dout = torch.randn_like(out)
-            run = lambda c: prefix_attention_bwd(dout, *args, out, lse, config=c)[0]
+            run = lambda c: prefix_attention_bwd(args, dout, out, lse, config=c)[0]
     with torch.no_grad():
         expected = run(None).float()
         rows = []
