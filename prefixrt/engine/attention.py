@@ -10,7 +10,8 @@ A decoding row's keys are ``[bank prefix ; context ; generated]``:
 
 The parts are merged with their log-sum-exps (natural log, fp32): ``out = sum_i w_i o_i / sum_i w_i`` with
 ``w_i = exp(lse_i - max_j lse_j)``. A part a row cannot see (no prefix, id ``-1``) has ``lse = -inf`` and
-weight 0. Every call goes through the op, so whichever backend serves it (reference, C++, Triton) plugs in.
+weight 0. Every call goes through the op (:func:`attend`, the engine's one call of it), so whichever backend serves
+it (reference, C++, Triton) plugs in.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from prefixrt import ops
 from prefixrt.engine.plan import Grouping, PrefixGroups
 
-__all__ = ["PrefixPart", "SharedPart", "OwnPart", "decode_attention", "merge_partials"]
+__all__ = ["OwnPart", "PrefixPart", "SharedPart", "attend", "decode_attention", "merge_partials"]
 
 
 @dataclass
@@ -57,8 +58,23 @@ def _no_prefix(batch: int, device) -> torch.Tensor:
     return torch.full((batch,), -1, dtype=torch.long, device=device)
 
 
-def _call(q, k, v, bank, prefix_ids, mask, scale, backend):
-    """One op call, ``q [B, H, Tq, D]``; returns ``(out, lse)``."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bank: tuple,
+    prefix_ids: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's one call of the op: ``q [B, H, Tq, D]`` over ``[bank prefix ; k]``.
+
+    ``k, v [B, H, Tk, D]``; ``bank = (bank_k [H, S, D], bank_v [H, S, D], offsets [N + 1])`` of one (site,
+    layer); ``prefix_ids [B]``; ``mask [B, Tk]`` or None. Returns ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``.
+    """
     bank_k, bank_v, offsets = bank
     return ops.prefix_attention(
         q,
@@ -69,10 +85,15 @@ def _call(q, k, v, bank, prefix_ids, mask, scale, backend):
         prefix_ids,
         offsets,
         key_padding_mask=mask,
-        causal=False,
+        causal=causal,
         scale=scale,
         backend=backend,
     )
+
+
+def _call(q, k, v, bank, prefix_ids, mask, scale, backend):
+    """A non-causal partial attention (the parts are merged by log-sum-exp)."""
+    return attend(q, k, v, bank, prefix_ids, mask=mask, causal=False, scale=scale, backend=backend)
 
 
 def decode_attention(

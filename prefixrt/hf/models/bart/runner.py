@@ -105,7 +105,9 @@ class BartRunner:
             cache.write_source(i, ks, vs)
             q = self._split(cross.q_proj(h), self.heads)
             out = cache.attention(q, ks, vs, "cross", i, cross.scaling, mask=mask, causal=False)
-            h = layer.encoder_attn_layer_norm(h + cross.out_proj(out.transpose(1, 2).reshape(items, length, -1)))
+            h = layer.encoder_attn_layer_norm(
+                h + cross.out_proj(out.transpose(1, 2).reshape(items, length, -1))
+            )
             h = self._ffn(layer, h)
         return self._logits(h[:, -1])
 
