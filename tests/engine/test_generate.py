@@ -14,15 +14,6 @@ from prefixrt.engine.batch import Batch
 from prefixrt.hf.models.gpt2 import GPT2Runner
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other jobs on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _attached(kind, backend="auto"):
     # Larger initial weights than HF's default so random models emit varied tokens (BART would repeat one).
     if kind == "gpt2":
