@@ -2,6 +2,7 @@
 no state left behind by ended requests, abort from a callback, from another thread and by closing a stream,
 a full pool makes requests wait (never fail), a callback's exception leaves the engine whole."""
 
+import gc
 import threading
 import time
 
@@ -123,6 +124,29 @@ def test_ended_requests_leave_no_state(attached):
         engine.result(ids[0])  # dropped from the bounded history
     kept = next(iter(engine.requests.finished))
     assert not engine.abort(kept)  # ended and still kept: nothing to abort
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+
+def test_live_tensors_do_not_grow_with_requests(attached):
+    """Rounds of requests (prompts, processors, generators, bank views) leave no tensor behind."""
+    model, bank = attached
+    engine = _engine(model, bank)
+
+    def round_(k):
+        for i in range(15):
+            params = SamplingParams(max_new_tokens=1 + i % 4, do_sample=i % 3 == 0, seed=i)
+            engine.add_request(_prompt(100 * k + i, 2 + i % 5), prefix=[None, "short"][i % 2], params=params)
+        engine.run()
+
+    round_(0)
+    before = _live_tensors()
+    for k in (1, 2, 3):
+        round_(k)
+    assert _live_tensors() == before
 
 
 def test_settings_cache_is_bounded():
