@@ -10,7 +10,8 @@ A decoding row's keys are ``[bank prefix ; context ; generated]``:
 
 The parts are merged with their log-sum-exps (natural log, fp32): ``out = sum_i w_i o_i / sum_i w_i`` with
 ``w_i = exp(lse_i - max_j lse_j)``. A part a row cannot see (no prefix, id ``-1``) has ``lse = -inf`` and
-weight 0. Every call goes through the op, so whichever backend serves it (reference, C++, Triton) plugs in.
+weight 0. Every call goes through the op (:func:`attend`, the engine's one call of it), so whichever backend serves
+it (reference, C++, Triton) plugs in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from prefixrt import ops
 from prefixrt.engine.plan import Grouping, PrefixGroups
 from prefixrt.ops import BankLayer, StepPlan
 
-__all__ = ["NoPrefix", "OwnPart", "PrefixPart", "SharedPart", "decode_attention", "merge_partials"]
+__all__ = ["NoPrefix", "OwnPart", "PrefixPart", "SharedPart", "attend", "decode_attention", "merge_partials"]
 
 
 @dataclass
@@ -73,11 +74,31 @@ class NoPrefix:
         return self.plans[rows]
 
 
-def _call(q, k, v, bank: BankLayer, plan: StepPlan, mask, scale, backend):
-    """One op call, ``q [B, H, Tq, D]``; returns ``(out, lse)``."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bank: BankLayer,
+    plan: StepPlan,
+    *,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's one call of the op: ``q [B, H, Tq, D]`` over ``[bank prefix ; k]``.
+
+    ``k, v [B, H, Tk, D]``; ``bank`` the BankLayer of one (site, layer) (``[H, S, D]``); ``plan`` the step's
+    plan of those rows; ``mask [B, Tk]`` or None. Returns ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``.
+    """
     return ops.prefix_attention(
-        q, k, v, bank, plan, key_padding_mask=mask, causal=False, scale=scale, backend=backend
+        q, k, v, bank, plan, key_padding_mask=mask, causal=causal, scale=scale, backend=backend
     )
+
+
+def _call(q, k, v, bank: BankLayer, plan: StepPlan, mask, scale, backend):
+    """A non-causal partial attention (the parts are merged by log-sum-exp)."""
+    return attend(q, k, v, bank, plan, mask=mask, causal=False, scale=scale, backend=backend)
 
 
 def decode_attention(

@@ -21,7 +21,10 @@ Two layouts
   (:mod:`prefixrt.engine.attention`). The fused layout falls back to this merge while rows read two bank versions
   (an Engine request that outlives its prefix's removal).
 
-BART also has ``"src"``, the source's cross-attention K/V, one row per item.
+A family with an encoder (BART) also has ``"src"``, the source's cross-attention K/V, one row per item.
+
+The runner sees the stores only through :mod:`prefixrt.engine.context` (:meth:`Batch.prefill`,
+:meth:`Batch.decode`).
 
 The plan (who shares which prefix and item) is built on the host whenever the batch's composition changes and
 reused by every layer of every step until then.
@@ -32,10 +35,12 @@ from __future__ import annotations
 import torch
 
 from prefixrt import ops
-from prefixrt.engine.attention import NoPrefix, OwnPart, PrefixPart, SharedPart, decode_attention
+from prefixrt.engine.attention import NoPrefix
 from prefixrt.engine.bankview import BankView
+from prefixrt.engine.context import DecodeContext, PrefillContext
 from prefixrt.engine.kv import KVStore
 from prefixrt.engine.plan import Grouping, PrefixGroups
+from prefixrt.hf.models.base import Runner, StepInputs
 
 __all__ = ["Batch"]
 
@@ -55,22 +60,25 @@ class Batch:
 
     Parameters
     ----------
-    runner : GPT2Runner or BartRunner
+    runner : Runner (:mod:`prefixrt.hf.models`): the model the rows run through
     items, rows : int
         Capacity in items and rows (``rows == items`` for the fused layout).
     context : int
-        Most decoder tokens per item before generation (GPT-2: the padded prompt; BART: 1, the start token).
+        Most decoder tokens per item before generation (``runner.decoder_length`` of the longest input: GPT-2's
+        padded prompt, BART's start token).
     generated : int
         Most tokens fed back per row.
     source : int
-        BART: longest source.
+        Longest source (families with an encoder; ignored otherwise).
     backend : str
         The op backend for every attention call.
     fused : bool
         The fused layout (one row per item) instead of the shared one.
     """
 
-    def __init__(self, runner, *, items, rows, context, generated, source=0, backend="auto", fused=False):
+    def __init__(
+        self, runner: Runner, *, items, rows, context, generated, source=0, backend="auto", fused=False
+    ):
         if fused and rows != items:
             raise ValueError("the fused layout has one row per item")
         self.runner, self.backend, self.fused = runner, backend, fused
@@ -85,7 +93,7 @@ class Batch:
             self.stores = {"gen": store(rows, context + generated)}
         else:
             self.stores = {"ctx": store(items, context), "gen": store(rows, generated)}
-        if runner.model_type == "bart":
+        if runner.has_encoder:
             self.stores["src"] = store(items, source)
         self.item_prefix: list[int] = []
         self.item_view: list[int] = []
@@ -105,6 +113,11 @@ class Batch:
         return len(self.row_item)
 
     @property
+    def free_rows(self) -> int:
+        """Rows of the pool not in use."""
+        return self.stores["gen"].rows - self.n_rows
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes held by this batch's preallocated K/V stores."""
         return sum(store.nbytes for store in self.stores.values())
@@ -119,7 +132,7 @@ class Batch:
         return key
 
     def prompt_store(self) -> KVStore:
-        """Where a prefill writes the decoder-side K/V of new items (then call :meth:`add_items`)."""
+        """Where a prefill writes the decoder-side K/V of new items."""
         return self.stores["gen" if self.fused else "ctx"]
 
     def add_items(self, prefix_ids: list[int], view_key: int, widths: list[int], next_pos: list[int]) -> None:
@@ -163,6 +176,17 @@ class Batch:
         for key in [k for k in self.views if k not in used]:
             del self.views[key]
 
+    def move_to(self, view: BankView) -> int:
+        """Register ``view`` and move every item whose entry is the same in it (same name, lengths and K/V);
+        the others keep reading their old view. Returns the view's key."""
+        key = self.add_view(view)
+        for item in range(self.n_items):
+            old = self.views[self.item_view[item]]
+            if old is not view and view.same_entry(old, self.item_prefix[item]):
+                self.set_item_view(item, key)
+        self.drop_unused_views()
+        return key
+
     # -- planning -----------------------------------------------------------------------------------------------
     def plan(self) -> dict:
         """Cached until the batch changes: ``prefix`` (site -> PrefixGroups or None), ``items`` (Grouping of
@@ -196,78 +220,65 @@ class Batch:
             }
         return self._plan
 
-    def _prefix_part(self, site: str, layer: int) -> PrefixPart | None:
-        plan = self.plan()["prefix"][site]
-        if plan is None:
-            return None
-        return PrefixPart(plan, {key: self.views[key].layer(site, layer) for key, *_ in plan.views})
-
-    # -- attention ----------------------------------------------------------------------------------------------
-    def _single_call(self, plan: dict) -> bool:
-        """One op call per layer: fused layout, one bank view, and a kernel that reads prefixes by id."""
-        return self.fused and plan["view"] is not None and self.kernel_groups_prefixes
-
-    def self_attention(self, q: torch.Tensor, layer: int, scale: float, full: bool = False) -> torch.Tensor:
-        """Decoder self-attention of one query per row, ``q [n, H, D]`` -> ``[n, H, D]``, over
-        ``[decoder prefix ; context ; generated]`` (the new token's K/V already written)."""
-        plan = self.plan()
-        k, v, mask = self.stores["gen"].view(layer, full)
-        if self._single_call(plan):
-            out, _ = ops.prefix_attention(
-                q[:, :, None],
-                k,
-                v,
-                self.views[plan["view"]].layer("decoder", layer),
-                plan["steps"]["decoder"],
-                key_padding_mask=mask,
-                causal=True,
-                scale=scale,
-                backend=self.backend,
-            )
-            return out[:, :, 0]
-        shared = None
-        if not self.fused:
-            ck, cv, cmask = self.stores["ctx"].view(layer, full)
-            shared = SharedPart(ck, cv, cmask, plan["items"])
-        return decode_attention(
-            q,
-            self._prefix_part("decoder", layer),
-            shared,
-            OwnPart(k, v, mask),
-            self.no_prefix,
-            scale,
-            self.backend,
-        )
-
-    def cross_attention(self, q: torch.Tensor, layer: int, scale: float, full: bool = False) -> torch.Tensor:
-        """BART cross-attention of one query per row over ``[cross prefix ; source]``."""
-        plan = self.plan()
-        k, v, mask = self.stores["src"].view(layer, full)
-        if self._single_call(plan):
-            out, _ = ops.prefix_attention(
-                q[:, :, None],
-                k,
-                v,
-                self.views[plan["view"]].layer("cross", layer),
-                plan["steps"]["cross"],
-                key_padding_mask=mask,
-                causal=False,
-                scale=scale,
-                backend=self.backend,
-            )
-            return out[:, :, 0]
-        prefix = self._prefix_part("cross", layer)
-        if self.fused:  # rows are items: the source is the row's own part
-            return decode_attention(q, prefix, None, OwnPart(k, v, mask), self.no_prefix, scale, self.backend)
-        return decode_attention(
-            q, prefix, SharedPart(k, v, mask, plan["items"]), None, self.no_prefix, scale, self.backend
-        )
-
     # -- stepping -----------------------------------------------------------------------------------------------
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        decoder_ids: torch.Tensor,
+        shifts: list[int],
+        prefix_ids: list[int],
+        view_key: int,
+        widths: list[int],
+    ) -> torch.Tensor:
+        """Run new inputs through the runner and add them as items.
+
+        Parameters
+        ----------
+        input_ids : LongTensor ``[R, T]``: prompts (left-padded) or, with an encoder, sources
+        mask : BoolTensor ``[R, T]`` or None (no padding)
+        decoder_ids : LongTensor ``[R, T']``: ``runner.decoder_prompt(input_ids, config)``
+        shifts : each item's decoder position shift (its decoder-prefix length, or 0)
+        prefix_ids : R bank ids (``-1`` = none), read from the view ``view_key`` (:meth:`add_view`)
+        widths : rows to open per item (beams / samples)
+
+        Returns
+        -------
+        logits : Tensor ``[R, V]`` for the last decoder position.
+        """
+        runner = self.runner
+        items, length = decoder_ids.shape
+        if runner.has_encoder:
+            decoder_mask, source, source_mask = None, input_ids, mask
+        else:
+            decoder_mask, source, source_mask = mask, None, None
+        device = decoder_ids.device
+        shift = torch.tensor(shifts, dtype=torch.long, device=device)[:, None]
+        if decoder_mask is None:
+            positions = torch.arange(length, device=device)[None] + shift
+        else:  # padding-aware, as HF generate() computes them
+            m = decoder_mask.long()
+            positions = (m.cumsum(-1) - 1).masked_fill(m == 0, 0) + shift
+        prompt_rows = self.prompt_store().append_rows([length] * items, valid=decoder_mask)
+        source_rows = None
+        if source is not None:
+            source_rows = self.stores["src"].append_rows([source.shape[1]] * items, valid=source_mask)
+        cache = PrefillContext(self, self.views[view_key], prefix_ids, prompt_rows, source_rows)
+        logits = runner.prefill(StepInputs(cache, decoder_ids, positions, decoder_mask, source, source_mask))
+        self.add_items(prefix_ids, view_key, widths, (positions[:, -1] + 1).tolist())
+        return logits
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``tokens [n]``); returns the next-token logits ``[n, V]``."""
         positions = torch.tensor(self.row_pos, dtype=torch.long).to(self.runner.device, non_blocking=True)
         slot = self.stores["gen"].grow()
-        logits = self.runner.decode(self, tokens, positions, slot)
+        logits = self.run_decode(tokens, positions, slot)
         self.row_pos = [p + 1 for p in self.row_pos]
         return logits
+
+    def run_decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slot, full: bool = False
+    ) -> torch.Tensor:
+        """The runner's decode of ``tokens [n]`` at ``positions [n]``, this step's K/V going to ``slot`` (from
+        ``stores["gen"].grow()``); ``full``: static shapes (:mod:`prefixrt.engine.capture`)."""
+        return self.runner.decode(StepInputs(DecodeContext(self, slot, full), tokens, positions))

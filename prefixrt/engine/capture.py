@@ -2,8 +2,8 @@
 
 While the batch's composition (rows, items, prefixes, bank views) does not change, one decode step has static
 shapes if attention reads every store at full capacity (the masks, updated in place before each replay, hide
-the unused slots). :class:`GraphedDecode` then captures ``runner.decode`` once and replays it each step, with
-tokens, positions and slot indices copied into static buffers. It re-captures when the composition changes
+the unused slots). :class:`GraphedDecode` then captures ``batch.run_decode`` (the runner's decode step) once and
+replays it each step, with tokens, positions and slot indices copied into static buffers. It re-captures when the composition changes
 (after it has been stable for ``min_stable`` steps) and falls back to eager decoding for good if capture fails
 -- e.g. when the attention backend synchronizes with the host (the reference backend does), which is not
 allowed while capturing.
@@ -79,19 +79,19 @@ class GraphedDecode:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (allocator, lazy inits); writes the same K/V the graph will
-            self.logits = b.runner.decode(b, self.tokens, self.positions, self.slots, full=True)
+            self.logits = b.run_decode(self.tokens, self.positions, self.slots, full=True)
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = b.runner.decode(b, self.tokens, self.positions, self.slots, full=True)
+                self.logits = b.run_decode(self.tokens, self.positions, self.slots, full=True)
         except Exception as err:  # e.g. a backend that syncs with the host
             warnings.warn(
                 f"prefixrt: CUDA graph capture of the decode step failed ({err}); decoding eagerly",
                 stacklevel=3,
             )
             self.failed = True
-            self.logits = b.runner.decode(b, self.tokens, self.positions, self.slots, full=True)
+            self.logits = b.run_decode(self.tokens, self.positions, self.slots, full=True)
             return False
         self.graph = graph
         return True

@@ -6,19 +6,37 @@ The pool is allocated once, at construction: ``max_batch_size`` rows, each with 
 source (BART) of up to ``max_prompt_tokens`` and for ``max_new_tokens`` generated tokens (see
 :mod:`prefixrt.engine.kv`; ``engine.kv_bytes`` says how much). A request that could never fit (prompt too long,
 ``max_new_tokens`` above the pool's, positions beyond the model's table) is rejected by :meth:`Engine.add_request`
-with the reason; one that fits waits while every row is busy. Prefix K/V are never copied into the pool: they are
-read from the bank.
+with the reason; one that fits waits while every row is busy (:mod:`prefixrt.engine.scheduler`). Prefix K/V are
+never copied into the pool: they are read from the bank.
 
 Steps
 -----
 :meth:`Engine.step` advances every running request by one token: one decode pass over all running rows
 (whatever their prefixes, prompt lengths and sampling settings), then finished and aborted requests leave (the
 pool is compacted) and waiting requests join, each with its own prefill, which yields its first token. Tokens are
-streamed through the per-request ``on_token`` callback and :meth:`Engine.stream`.
+streamed through the per-request ``on_token`` callback and :meth:`Engine.stream`. A step runs under
+``torch.inference_mode()`` with the model's modules in eval mode (their training flags are restored after it):
+no autograd graph is ever built, whatever the weights' ``requires_grad``.
 
 Each request decodes with its own logits processors (transformers', built from its :class:`SamplingParams` as
 ``generate()`` would) and its own random generator, so its tokens are those of :func:`prefixrt.generate` on that
 request alone, whatever joins or leaves around it.
+
+Requests end and leave
+----------------------
+An ended request (finished, aborted, failed) leaves no state behind but its output: the last ``keep_finished``
+outputs stay readable through :meth:`Engine.result` / :meth:`Engine.status` (oldest dropped first), and
+:meth:`Engine.pop_result` collects one. :meth:`Engine.abort` takes effect at once: an aborted request gets no
+further token, even when it is aborted from another request's ``on_token`` callback in the middle of a step.
+Closing a :meth:`Engine.stream` generator aborts its request.
+
+Threads
+-------
+Every public method is thread-safe (one re-entrant lock): a server may call :meth:`Engine.add_request`,
+:meth:`Engine.abort`, :meth:`Engine.result` from any thread while one loop thread calls :meth:`Engine.step`
+(or :meth:`Engine.run`). ``on_token`` callbacks run on the stepping thread, inside the step; they may call
+``add_request``, ``abort``, ``result`` and ``status``, not ``step``. An exception raised by a callback is re-raised
+when the step has finished (the engine's state stays whole).
 
 Bank changes while running
 --------------------------
@@ -33,10 +51,9 @@ it fails with status ``FAILED`` and a clear error, and never disturbs the others
 from __future__ import annotations
 
 import itertools
-from collections import deque
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import Enum
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -47,65 +64,28 @@ from prefixrt.engine.bankview import BankView
 from prefixrt.engine.batch import Batch
 from prefixrt.engine.capture import maybe_graphed_decode
 from prefixrt.engine.params import SamplingParams
-from prefixrt.engine.sampling import base_seed, row_generators, select
+from prefixrt.engine.requests import Request, RequestOutput, RequestStatus, RequestTable, TokenEvent
+from prefixrt.engine.sampling import SettingsCache, base_seed, row_generators, select_for_requests
+from prefixrt.engine.scheduler import Scheduler
 from prefixrt.hf.attach import POSITION_OFFSETS, is_attached
-from prefixrt.hf.generation import config as cfg
-from prefixrt.hf.generation.processors import build_processors
 from prefixrt.hf.models import runner_for
 from prefixrt.ops.registry import resolve_name
 
 __all__ = ["Engine", "RequestOutput", "RequestStatus", "TokenEvent"]
 
 
-class RequestStatus(str, Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-    ABORTED = "aborted"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """A token produced by :meth:`Engine.step` (``finished``: it was the request's last)."""
-
-    request_id: int
-    token: int
-    finished: bool
-
-
-@dataclass
-class RequestOutput:
-    """What a request has produced so far and how it ended (``finish_reason``: ``"eos"``, ``"length"``,
-    ``"aborted"`` or ``"failed"``; ``error`` says why a request failed)."""
-
-    request_id: int
-    status: RequestStatus
-    tokens: list[int]
-    finish_reason: str | None
-    error: str | None
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt: torch.Tensor  # LongTensor [n] on the model's device
-    prefix: str | None
-    params: SamplingParams
-    on_token: Callable | None
-    config: object
-    processors: object
-    max_length: int  # prompt (GPT-2) or start token (BART) + max_new_tokens
-    eos: list[int]
-    generator: torch.Generator | None
-    status: RequestStatus = RequestStatus.WAITING
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.FAILED)
+@contextmanager
+def _inference(model: nn.Module):
+    """``torch.inference_mode()`` with every module of ``model`` in eval mode; training flags restored after."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 class Engine:
@@ -126,6 +106,8 @@ class Engine:
         (see :func:`prefixrt.attach`).
     cuda_graphs : bool, optional
         Capture the decode step on CUDA (default: on CUDA).
+    keep_finished : int
+        Outputs of ended requests kept for :meth:`result` until popped (oldest dropped first).
 
     >>> engine = prefixrt.Engine(model, bank, max_batch_size=8)              # doctest: +SKIP
     >>> rid = engine.add_request(ids, prefix="e2e", params=SamplingParams(max_new_tokens=32))  # doctest: +SKIP
@@ -143,6 +125,7 @@ class Engine:
         backend: str | None = None,
         position_offset: str | None = None,
         cuda_graphs: bool | None = None,
+        keep_finished: int = 1024,
     ):
         if not isinstance(bank, PrefixBank):
             raise TypeError(f"bank must be a prefixrt.PrefixBank, got {type(bank).__name__}")
@@ -173,24 +156,32 @@ class Engine:
             max_prompt_tokens,
             max_new_tokens,
         )
-        gpt2 = self.runner.model_type == "gpt2"
         self.batch = Batch(
             self.runner,
             items=max_batch_size,
             rows=max_batch_size,
-            context=max_prompt_tokens if gpt2 else 1,
+            context=self.runner.decoder_length(max_prompt_tokens),
             generated=max_new_tokens,
-            source=0 if gpt2 else max_prompt_tokens,
+            source=max_prompt_tokens,
             backend=self.backend,
             fused=True,
         )
         self._decode = maybe_graphed_decode(self.batch, cuda_graphs)
-        self._rows: list[_Request] = []  # the request of each batch row
-        self._waiting: deque[_Request] = deque()
-        self._requests: dict[int, _Request] = {}
+        self.scheduler = Scheduler(
+            self.runner,
+            bank,
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            position_offset=self.position_offset,
+        )
+        self.requests = RequestTable(keep_finished)
+        self._settings = SettingsCache(model, self.runner.device)
+        self._rows: list[Request] = []  # the request of each batch row
         self._ids = itertools.count()
         self._view: BankView | None = None
-        self._prepared: dict = {}  # (params, input length) -> (config, processors, sampling?)
+        self._lock = threading.RLock()
+        self._stepping = False
+        self._callback_errors: list[BaseException] = []
 
     # -- public API ---------------------------------------------------------------------------------------------
     @property
@@ -204,10 +195,11 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler)
 
     def has_unfinished(self) -> bool:
-        return bool(self._rows or self._waiting)
+        with self._lock:
+            return bool(self._rows or len(self.scheduler))
 
     def add_request(
         self,
@@ -216,7 +208,7 @@ class Engine:
         params: SamplingParams | None = None,
         on_token: Callable[[int, int], None] | None = None,
     ) -> int:
-        """Queue a request; returns its id.
+        """Queue a request; returns its id. Thread-safe.
 
         Parameters
         ----------
@@ -240,37 +232,104 @@ class Engine:
             raise ValueError(
                 f"prompt_ids must be a non-empty 1-D sequence of token ids, got shape {tuple(prompt.shape)}"
             )
-        if prefix is not None:
-            self.bank.id_of(prefix)  # KeyError naming the known entries
-        self._check_fits(prompt.numel(), prefix, params)
-        request = self._prepare(prompt, prefix, params, on_token)
-        self._requests[request.id] = request
-        self._waiting.append(request)
+        with self._lock:
+            if prefix is not None:
+                self.bank.id_of(prefix)  # KeyError naming the known entries
+            self.scheduler.check_fits(prompt.numel(), prefix, params)
+            request = self._new_request(prompt, prefix, params, on_token)
+            self.requests.add(request)
+            self.scheduler.add(request)
         return request.id
 
     def abort(self, request_id: int) -> bool:
-        """Stop a waiting or running request (others are not disturbed); False if it had already ended."""
-        request = self._requests[request_id]
-        if request.done:
-            return False
-        if request.status == RequestStatus.WAITING:
-            self._waiting.remove(request)
-        else:
-            row = self._rows.index(request)
-            self._retire([row])
-        request.status, request.finish_reason = RequestStatus.ABORTED, "aborted"
-        return True
+        """Stop a waiting or running request at once (others are not disturbed); False if it had already ended.
+        Thread-safe, and safe from an ``on_token`` callback."""
+        with self._lock:
+            request = self.requests.live.get(request_id)
+            if request is None:
+                self.requests.output(request_id)  # KeyError if the id is unknown
+                return False
+            if request.done:  # ended in the step now running; it leaves at the step's end
+                return False
+            waiting = request.status == RequestStatus.WAITING
+            request.end(RequestStatus.ABORTED, "aborted")
+            if waiting:
+                self.scheduler.remove(request)
+                self.requests.retire(request)
+            elif not self._stepping:  # inside a step, the step retires it once its loop is done
+                with _inference(self.model):
+                    self._retire_ended()
+            return True
 
     def status(self, request_id: int) -> RequestStatus:
-        return self._requests[request_id].status
+        with self._lock:
+            return self.requests.output(request_id).status
 
     def result(self, request_id: int) -> RequestOutput:
-        r = self._requests[request_id]
-        return RequestOutput(r.id, r.status, list(r.tokens), r.finish_reason, r.error)
+        """What the request produced so far (KeyError once its output was popped or dropped)."""
+        with self._lock:
+            return self.requests.output(request_id)
+
+    def pop_result(self, request_id: int) -> RequestOutput:
+        """An ended request's output, removed from the engine (ValueError while it waits or runs)."""
+        with self._lock:
+            return self.requests.pop_output(request_id)
 
     def step(self) -> list[TokenEvent]:
         """Advance every running request by one token, then let waiting requests join (each yields its first
-        token). Returns the tokens produced, in row order."""
+        token). Returns the tokens produced, in row order. Thread-safe (not from an ``on_token`` callback)."""
+        with self._lock:
+            if self._stepping:
+                raise RuntimeError("Engine.step() was called from inside a step (an on_token callback)")
+            self._stepping = True
+            try:
+                with _inference(self.model):
+                    events = self._step()
+            finally:
+                self._stepping = False
+            errors, self._callback_errors = self._callback_errors, []
+        if errors:
+            raise errors[0]
+        return events
+
+    def stream(self, request_id: int) -> Iterator[int]:
+        """Yield the request's tokens as they are produced, stepping the engine (all requests advance).
+        Closing the generator before the request ends aborts it."""
+        with self._lock:
+            request = self.requests.live.get(request_id)
+            ended = self.requests.output(request_id) if request is None else None
+        if ended is not None:
+            yield from ended.tokens
+            return
+        sent = 0
+        try:
+            while True:
+                while sent < len(request.tokens):
+                    yield request.tokens[sent]
+                    sent += 1
+                if request.done:
+                    return
+                self.step()
+        finally:
+            if not request.done:
+                self.abort(request_id)
+
+    def run(self) -> dict[int, RequestOutput]:
+        """Step until no request is waiting or running; returns the outputs of every request that ended during
+        the run and of those the engine still keeps, by id."""
+        collector = self.requests.collect()
+        try:
+            while self.has_unfinished():
+                self.step()
+        finally:
+            self.requests.close(collector)
+        with self._lock:
+            outputs = {**self.requests.finished, **collector}
+        return {rid: outputs[rid] for rid in sorted(outputs)}
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def _step(self) -> list[TokenEvent]:
+        self._retire_ended()
         self._sync_bank()
         events: list[TokenEvent] = []
         if self._rows:
@@ -278,145 +337,54 @@ class Engine:
                 [r.tokens[-1] for r in self._rows], dtype=torch.long, device=self.runner.device
             )
             logits = self._decode(last)
-            finished = []
-            for row, (request, token) in enumerate(
-                zip(self._rows, self._select(logits, self._rows), strict=True)
-            ):
-                if self._emit(request, token, events):
-                    finished.append(row)
-            if finished:
-                self._retire(finished)
-        self._admit_waiting(events)
+            self._emit(self._rows, select_for_requests(logits, self._rows), events)
+            self._retire_ended()
+        groups, failed = self.scheduler.admit(self.batch.free_rows)
+        for request in failed:
+            self.requests.retire(request)
+        for group in groups:
+            group = [r for r in group if not r.done]  # aborted by a callback of this step
+            if group:
+                self._prefill(group, events)
         return events
 
-    def stream(self, request_id: int) -> Iterator[int]:
-        """Yield the request's tokens as they are produced, stepping the engine (all requests advance)."""
-        request = self._requests[request_id]
-        sent = 0
-        while True:
-            while sent < len(request.tokens):
-                yield request.tokens[sent]
-                sent += 1
+    def _prefill(self, group: list[Request], events: list[TokenEvent]) -> None:
+        """Start requests with equal input lengths in one prefill; each yields its first token."""
+        view = self._view
+        key = self.batch.add_view(view)
+        pids = [-1 if r.prefix is None else self.bank.id_of(r.prefix) for r in group]
+        shifts = [view.length("decoder", p) if self.position_offset == "prefix" else 0 for p in pids]
+        ids = torch.stack([r.prompt for r in group])
+        decoder_ids = torch.stack([r.decoder_prompt for r in group])
+        logits = self.batch.prefill(ids, None, decoder_ids, shifts, pids, key, [1] * len(group))
+        for request in group:
+            request.status = RequestStatus.RUNNING
+            self._rows.append(request)
+        self._emit(group, select_for_requests(logits, group), events)
+        self._retire_ended()
+
+    def _emit(self, requests: list[Request], tokens: list[int], events: list[TokenEvent]) -> None:
+        """Record each request's token and tell its callback; a request aborted meanwhile gets none."""
+        for request, token in zip(list(requests), tokens, strict=True):
             if request.done:
-                return
-            self.step()
-
-    def run(self) -> dict[int, RequestOutput]:
-        """Step until no request is waiting or running; returns every request's output."""
-        while self.has_unfinished():
-            self.step()
-        return {rid: self.result(rid) for rid in self._requests}
-
-    # -- internals ----------------------------------------------------------------------------------------------
-    def _prefix_length(self, prefix: str | None, site: str) -> int:
-        return 0 if prefix is None else int(self.bank.lengths(site)[self.bank.id_of(prefix)])
-
-    def _check_fits(self, n: int, prefix: str | None, params: SamplingParams) -> None:
-        if n > self.max_prompt_tokens:
-            what = "source" if self.runner.model_type == "bart" else "prompt"
-            raise ValueError(
-                f"request can never fit: its {what} has {n} tokens, the engine's pool holds {self.max_prompt_tokens} "
-                "(max_prompt_tokens)"
-            )
-        if params.max_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"request can never fit: max_new_tokens={params.max_new_tokens} exceeds the engine's pool "
-                f"(max_new_tokens={self.max_new_tokens})"
-            )
-        shift = self._prefix_length(prefix, "decoder") if self.position_offset == "prefix" else 0
-        decoder_tokens = (
-            n + params.max_new_tokens if self.runner.model_type == "gpt2" else 1 + params.max_new_tokens
-        )
-        if shift + decoder_tokens - 1 > self.runner.max_positions or n > self.runner.max_positions:
-            raise ValueError(
-                f"request can never fit: it needs positions up to {shift + decoder_tokens - 1} (prefix shift {shift}), "
-                f"the model has {self.runner.max_positions}"
-            )
-
-    def _prepare(self, prompt, prefix, params, on_token) -> _Request:
-        """Generation config, processors and generator exactly as ``prefixrt.generate`` builds them for this
-        request alone."""
-        input_length = prompt.numel() if self.runner.model_type == "gpt2" else 1
-        cache_key = (repr(params.generate_kwargs()), input_length)
-        if cache_key not in self._prepared:
-            self._prepared[cache_key] = self._prepare_settings(params, input_length, prompt)
-        config, processors, sample = self._prepared[cache_key]
-        generator = None
-        if sample:
-            generator = row_generators([base_seed(params.seed, None)], self.runner.device)[0]
-        eos = config._eos_token_tensor
-        return _Request(
-            id=next(self._ids),
-            prompt=prompt,
-            prefix=prefix,
-            params=params,
-            on_token=on_token,
-            config=config,
-            processors=processors,
-            max_length=config.max_length,
-            eos=[] if eos is None else eos.tolist(),
-            generator=generator,
-        )
-
-    def _prepare_settings(self, params, input_length, prompt):
-        """``(config, processors, sampling?)`` for these params and input length (shared by requests: the
-        processors keep no per-row state without a padding mask)."""
-        model = self.model
-        resolved = cfg.resolve(model, None, params.generate_kwargs())
-        if resolved.mode not in ("greedy", "sample"):
-            raise cfg.UnsupportedGenerationArgument(
-                f"the Engine runs greedy search and sampling, not {resolved.mode}"
-            )
-        config = resolved.config
-        device = self.runner.device
-        cfg.special_tokens(model, config, False, device, 1)
-        cfg.prepare_lengths(model, resolved, input_length)
-        processors = build_processors(model, config, input_length, prompt[None], None, device)
-        return config, processors, resolved.mode == "sample"
-
-    def _sequence(self, request: _Request) -> torch.Tensor:
-        """What HF's processors see for this request: ``[1, L]``."""
-        device = self.runner.device
-        if self.runner.model_type == "gpt2":
-            head = request.prompt
-        else:
-            head = torch.tensor([int(request.config._decoder_start_token_tensor)], device=device)
-        return torch.cat([head, torch.tensor(request.tokens, dtype=torch.long, device=device)])[None]
-
-    def _select(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
-        scores = logits.float()
-        plain = [i for i, r in enumerate(requests) if not r.processors and r.generator is None]
-        out = [0] * len(requests)
-        if plain:
-            idx = torch.tensor(plain, device=scores.device)
-            for i, t in zip(plain, torch.argmax(scores[idx], dim=-1).tolist(), strict=True):
-                out[i] = t
-        for i, r in enumerate(requests):
-            if i in plain:
                 continue
-            s = scores[i : i + 1]
-            if r.processors:
-                s = r.processors(self._sequence(r), s)
-            out[i] = int(select(s, r.generator is not None, [r.generator] if r.generator else None)[0])
-        return out
+            finished = request.record(token)
+            events.append(TokenEvent(request.id, token, finished))
+            if request.on_token is not None:
+                try:
+                    request.on_token(request.id, token)
+                except Exception as err:  # re-raised by step() once the engine's state is whole
+                    self._callback_errors.append(err)
 
-    def _emit(self, request: _Request, token: int, events: list) -> bool:
-        """Record a token; returns whether the request just finished."""
-        request.tokens.append(token)
-        length = (request.prompt.numel() if self.runner.model_type == "gpt2" else 1) + len(request.tokens)
-        finished = token in request.eos or length >= request.max_length
-        if finished:
-            request.status = RequestStatus.FINISHED
-            request.finish_reason = "eos" if token in request.eos else "length"
-        events.append(TokenEvent(request.id, token, finished))
-        if request.on_token is not None:
-            request.on_token(request.id, token)
-        return finished
-
-    def _retire(self, rows: list[int]) -> None:
-        gone = set(rows)
-        keep = [i for i in range(len(self._rows)) if i not in gone]
+    def _retire_ended(self) -> None:
+        """Rows of ended requests leave the batch (the pool is compacted); their requests leave the table."""
+        if not any(r.done for r in self._rows):
+            return
+        keep = [i for i, r in enumerate(self._rows) if not r.done]
         self.batch.keep(keep)
+        for request in self._rows:
+            if request.done:
+                self.requests.retire(request)
         self._rows = [self._rows[i] for i in keep]
 
     def _sync_bank(self) -> None:
@@ -424,68 +392,28 @@ class Engine:
         if self._view is not None and self._view.version == self.bank.version:
             return
         view = BankView.of(self.bank, self.runner.dtype, self.runner.device)
-        key = self.batch.add_view(view)
-        for item in range(self.batch.n_items):
-            old = self.batch.views[self.batch.item_view[item]]
-            if old is not view and view.same_entry(old, self.batch.item_prefix[item]):
-                self.batch.set_item_view(item, key)
-        self.batch.drop_unused_views()
+        self.batch.move_to(view)
         self._view = view
-        self._view_key = key
 
-    def _admit_waiting(self, events: list) -> None:
-        """Start waiting requests while rows are free; requests with equal prompt lengths share one prefill
-        (no padding, so each row computes exactly what it would alone)."""
-        starting = []
-        while self._waiting and len(self._rows) + len(starting) < self.max_batch_size:
-            request = self._waiting.popleft()
-            if self._can_start(request):
-                starting.append(request)
-        groups: dict[tuple, list[_Request]] = {}
-        for request in starting:
-            groups.setdefault((request.prompt.numel(), self._start_token(request)), []).append(request)
-        for (length, start), group in groups.items():
-            self._prefill(group, length, start, events)
-
-    def _can_start(self, request: _Request) -> bool:
-        if request.prefix is not None and request.prefix not in self.bank:
-            request.status, request.finish_reason = RequestStatus.FAILED, "failed"
-            request.error = f"prefix {request.prefix!r} was removed from the bank before the request started"
-            return False
-        try:
-            self._check_fits(request.prompt.numel(), request.prefix, request.params)
-        except ValueError as err:  # the prefix was replaced by a longer one while the request waited
-            request.status, request.finish_reason, request.error = RequestStatus.FAILED, "failed", str(err)
-            return False
-        return True
-
-    def _start_token(self, request: _Request) -> int | None:
-        if self.runner.model_type == "gpt2":
-            return None
-        return int(request.config._decoder_start_token_tensor)
-
-    def _prefill(self, group: list[_Request], length: int, start: int | None, events: list) -> None:
-        view = self._view
-        key = self.batch.add_view(view)
-        pids = [-1 if r.prefix is None else self.bank.id_of(r.prefix) for r in group]
-        shifts = [view.length("decoder", p) if self.position_offset == "prefix" else 0 for p in pids]
-        ids = torch.stack([r.prompt for r in group])
-        device = ids.device
-        if start is None:
-            positions = (
-                torch.arange(length, device=device)[None] + torch.tensor(shifts, device=device)[:, None]
-            )
-            logits = self.runner.prefill(self.batch, ids, None, positions, pids, key, [1] * len(group))
-        else:
-            logits = self.runner.prefill(self.batch, ids, None, start, shifts, pids, key, [1] * len(group))
-        first = len(self._rows)
-        for request in group:
-            request.status = RequestStatus.RUNNING
-            self._rows.append(request)
-        finished = [
-            first + i
-            for i, (request, token) in enumerate(zip(group, self._select(logits, group), strict=True))
-            if self._emit(request, token, events)
-        ]
-        if finished:
-            self._retire(finished)
+    def _new_request(self, prompt, prefix, params, on_token) -> Request:
+        """Generation config, processors and generator exactly as ``prefixrt.generate`` builds them for this
+        request alone."""
+        settings = self._settings.get(params, self.runner.decoder_length(prompt.numel()), prompt)
+        generator = None
+        if settings.sample:
+            generator = row_generators([base_seed(params.seed, None)], self.runner.device)[0]
+        config = settings.config
+        eos = config._eos_token_tensor
+        return Request(
+            id=next(self._ids),
+            prompt=prompt,
+            decoder_prompt=self.runner.decoder_prompt(prompt[None], config)[0],
+            prefix=prefix,
+            params=params,
+            on_token=on_token,
+            config=config,
+            processors=settings.processors,
+            max_length=config.max_length,
+            eos=[] if eos is None else eos.tolist(),
+            generator=generator,
+        )

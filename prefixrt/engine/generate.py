@@ -109,69 +109,35 @@ def generate(
         (lambda pid: view.length("decoder", pid)) if binding.position_offset == "prefix" else (lambda pid: 0)
     )
 
-    if runner.model_type == "gpt2":
-        if attention_mask is None:
-            attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
-        mask = attention_mask.long()
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        shifts = torch.tensor([shift_of(p) for p in pids], dtype=torch.long, device=device)
-        padded = not bool((mask == 1).all())
-        start = input_ids
-        cfg.prepare_lengths(model, resolved, length)
-        proc_mask = mask.repeat_interleave(expand, dim=0) if padded else None
-        processors = build_processors(model, config, length, input_ids, proc_mask, device)
-        batch = Batch(
-            runner,
-            items=batch_size,
-            rows=batch_size * width,
-            context=length,
-            generated=config.max_length - length,
-            backend=binding.backend,
-            fused=width == 1,
-        )
-        key = batch.add_view(view)
-        logits = runner.prefill(
-            batch,
-            input_ids,
-            mask.bool() if padded else None,
-            positions + shifts[:, None],
-            pids,
-            key,
-            [width] * batch_size,
-        )
-    else:
-        start_token = config._decoder_start_token_tensor
-        if start_token.dim() > 0 and start_token.numel() > 1:
-            raise cfg.UnsupportedGenerationArgument(
-                "prefixrt.generate does not support per-row decoder_start_token_id"
-            )
-        start = torch.full((batch_size, 1), int(start_token), dtype=torch.long, device=device)
-        cfg.prepare_lengths(model, resolved, 1)
-        processors = build_processors(model, config, 1, input_ids, None, device)
-        src_mask = None
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            src_mask = attention_mask.bool()
-        batch = Batch(
-            runner,
-            items=batch_size,
-            rows=batch_size * width,
-            context=1,
-            generated=config.max_length - 1,
-            source=length,
-            backend=binding.backend,
-            fused=width == 1,
-        )
-        key = batch.add_view(view)
-        logits = runner.prefill(
-            batch,
-            input_ids,
-            src_mask,
-            int(start_token),
-            [shift_of(p) for p in pids],
-            pids,
-            key,
-            [width] * batch_size,
-        )
+    if attention_mask is None and not runner.has_encoder:  # HF infers a prompt's padding from pad_token_id
+        attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
+    padded = attention_mask is not None and not bool((attention_mask == 1).all())
+    start = runner.decoder_prompt(input_ids, config)  # [B, T']: the prompt, or the decoder-start token
+    decoder_length = start.shape[1]
+    cfg.prepare_lengths(model, resolved, decoder_length)
+    # What HF passes its processors as the model's mask (encoder-decoder models: none, see build_processors)
+    proc_mask = attention_mask.long().repeat_interleave(expand, dim=0) if padded else None
+    processors = build_processors(model, config, decoder_length, input_ids, proc_mask, device)
+    batch = Batch(
+        runner,
+        items=batch_size,
+        rows=batch_size * width,
+        context=decoder_length,
+        generated=config.max_length - decoder_length,
+        source=length,
+        backend=binding.backend,
+        fused=width == 1,
+    )
+    key = batch.add_view(view)
+    logits = batch.prefill(
+        input_ids,
+        attention_mask.bool() if padded else None,
+        start,
+        [shift_of(p) for p in pids],
+        pids,
+        key,
+        [width] * batch_size,
+    )
 
     decode = maybe_graphed_decode(batch)
     if resolved.mode == "beam":

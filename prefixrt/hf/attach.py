@@ -5,7 +5,8 @@
 1. ``config._attn_implementation`` -> ``"prefixrt"`` (attention and mask functions registered in transformers'
    own registries, :mod:`prefixrt.hf.attention`);
 2. each attention module gets two plain attributes: its ``(site, layer)`` and the binding (bank + backend);
-3. forward pre-hooks that validate ``prefix_ids`` and shift positions (:mod:`prefixrt.hf.positions`);
+3. forward hooks that validate ``prefix_ids`` and shift positions (:mod:`prefixrt.hf.positions`; each model
+   family installs its own, see :mod:`prefixrt.hf.models`);
 4. an instance-level ``prepare_inputs_for_generation`` that passes ``prefix_ids`` to every step
    (:mod:`prefixrt.hf.generation.prepare`).
 
@@ -23,8 +24,9 @@ from torch import nn
 
 from prefixrt.bank import PrefixBank
 from prefixrt.bank.spec import ModelSpec
-from prefixrt.hf import attention, positions
+from prefixrt.hf import attention
 from prefixrt.hf.generation import prepare as generation
+from prefixrt.hf.models import family_for
 from prefixrt.ops import StepPlan
 from prefixrt.ops.registry import resolve_name
 
@@ -116,31 +118,8 @@ class PrefixBinding:
 
 
 def attention_sites(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """``(attention module, site, layer)`` for every attention module of a GPT-2 or BART model."""
-    model_type = getattr(model.config, "model_type", None)
-    sites = []
-    if model_type == "gpt2":
-        blocks = _find(model, "h")
-        for i, block in enumerate(blocks):
-            sites.append((block.attn, "decoder", i))
-    elif model_type == "bart":
-        base = getattr(model, "model", model)
-        encoder, decoder = base.encoder, base.decoder
-        for i, layer in enumerate(encoder.layers):
-            sites.append((layer.self_attn, "encoder", i))
-        for i, layer in enumerate(decoder.layers):
-            sites.append((layer.self_attn, "decoder", i))
-            sites.append((layer.encoder_attn, "cross", i))
-    else:
-        raise ValueError(f"prefixrt.attach supports GPT-2 and BART models, got model_type={model_type!r}")
-    return sites
-
-
-def _find(model: nn.Module, attr: str) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(getattr(module, attr, None), nn.ModuleList):
-            return getattr(module, attr)
-    raise ValueError(f"could not find the transformer blocks ({attr!r}) in {type(model).__name__}")
+    """``(attention module, site, layer)`` for every attention module of the model (asks its family)."""
+    return family_for(model).attention_sites(model)
 
 
 def attach(
@@ -192,13 +171,14 @@ def attach(
             raise ValueError(f"the prefix source is on {bank.device} but the model is on {param.device}")
         bank.to(param.device)
 
+    family = family_for(model)
     attention.register()
     binding = PrefixBinding(bank, backend, position_offset, model.config._attn_implementation)
-    for module, site, layer in attention_sites(model):
+    for module, site, layer in family.attention_sites(model):
         module._prefixrt_site = (site, layer)
         module._prefixrt_binding = binding
         binding.tagged_modules.append(module)
-    binding.hooks.extend(positions.install(model, binding))
+    binding.hooks.extend(family.install_position_hooks(model, binding))
     generation.install(model)
     model._prefixrt_binding = binding
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)

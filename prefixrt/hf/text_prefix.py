@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefixrt.hf.models import family_names, find_family
+
 __all__ = ["add_text_prefix", "text_prefix_kv", "text_ids"]
 
 
@@ -94,11 +96,12 @@ def text_prefix_kv(model: nn.Module, text_or_ids: Any, tokenizer: Any = None) ->
     GPT-2 ``{"decoder"}``; BART ``{"encoder", "decoder", "cross"}`` (see the module docstring for what each is).
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ("gpt2", "bart"):
-        raise ValueError(f"model must be a GPT-2 or BART model, got model_type={model_type!r}")
+    family = find_family(config)
+    if family is None:
+        model_type = getattr(config, "model_type", None)
+        raise ValueError(f"model must be a {family_names('or')} model, got model_type={model_type!r}")
     ids = text_ids(text_or_ids, tokenizer, vocab_size=config.vocab_size)
-    max_positions = config.n_positions if model_type == "gpt2" else config.max_position_embeddings
+    max_positions = family.max_positions(config)
     if ids.numel() > max_positions:
         raise ValueError(
             f"text_or_ids has {ids.numel()} tokens, more than the model's {max_positions} positions"
@@ -113,9 +116,7 @@ def text_prefix_kv(model: nn.Module, text_or_ids: Any, tokenizer: Any = None) ->
     model.eval()
     try:
         with torch.no_grad():
-            if model_type == "gpt2":
-                return _gpt2_kv(model, ids, extra)
-            return _bart_kv(model, ids, extra)
+            return family.text_prefix_kv(model, ids, extra)
     finally:
         model.train(was_training)
 
@@ -126,58 +127,3 @@ def add_text_prefix(
     """Add to ``bank`` the K/V of a real text prompt computed once through the frozen ``model`` (a cached discrete
     prompt, shared like a learned prefix; also the paper's "initialize from real words"); returns its id."""
     return bank.add(name, text_prefix_kv(model, text_or_ids, tokenizer), replace=replace)
-
-
-def _output_cache(outputs: Any) -> Any:
-    """The KV cache of a model output (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
-    for key in ("cache", "past_key_values"):
-        cache = outputs.get(key) if hasattr(outputs, "get") else getattr(outputs, key, None)
-        if cache is not None:
-            return cache
-    raise RuntimeError("the model returned no KV cache although use_cache=True was passed")
-
-
-def _stack_layers(cache: Any) -> torch.Tensor:
-    """``[layers, 2, heads, T, head_dim]`` from a ``DynamicCache`` of batch 1."""
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-
-
-def _gpt2_kv(model: nn.Module, ids: torch.Tensor, extra: dict) -> dict[str, torch.Tensor]:
-    outputs = model(input_ids=ids, use_cache=True, **extra)
-    return {"decoder": _stack_layers(_output_cache(outputs)).contiguous()}
-
-
-def _bart_kv(model: nn.Module, ids: torch.Tensor, extra: dict) -> dict[str, torch.Tensor]:
-    base = getattr(model, "model", model)
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-
-    def capture(layer: int, kind: str, attention: nn.Module):
-        def hook(module, args, output):
-            # [1, T, H*D] -> [H, T, D], as BartAttention reshapes it
-            captured[(layer, kind)] = output.view(1, -1, attention.num_heads, attention.head_dim)[
-                0
-            ].transpose(0, 1)
-
-        return hook
-
-    handles = []
-    for i, layer in enumerate(base.encoder.layers):
-        attention = layer.self_attn
-        handles.append(attention.k_proj.register_forward_hook(capture(i, "k", attention)))
-        handles.append(attention.v_proj.register_forward_hook(capture(i, "v", attention)))
-    try:
-        outputs = model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids, use_cache=True, **extra
-        )
-    finally:
-        for handle in handles:
-            handle.remove()
-    encoder = torch.stack(
-        [torch.stack([captured[(i, "k")], captured[(i, "v")]]) for i in range(len(base.encoder.layers))]
-    )
-    cache = _output_cache(outputs)  # EncoderDecoderCache
-    return {
-        "encoder": encoder.contiguous(),
-        "decoder": _stack_layers(cache.self_attention_cache).contiguous(),
-        "cross": _stack_layers(cache.cross_attention_cache).contiguous(),
-    }

@@ -10,14 +10,6 @@ import prefixrt
 from prefixrt.engine import Engine, RequestStatus, SamplingParams, generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(kind):
     if kind == "gpt2":
         model = tiny_gpt2(seed=1, initializer_range=0.3)

@@ -10,16 +10,8 @@ from transformers.generation import logits_process as lp
 
 import prefixrt
 from prefixrt.engine import UnsupportedGenerationArgument, generate
+from prefixrt.engine.batch import Batch
 from prefixrt.hf.models.gpt2 import GPT2Runner
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other jobs on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _attached(kind, backend="auto"):
@@ -175,9 +167,9 @@ def test_finished_rows_leave_the_batch(monkeypatch):
     rows = []
     original = GPT2Runner.decode
 
-    def spy(self, batch, tokens, *args, **kwargs):
-        rows.append(tokens.shape[0])
-        return original(self, batch, tokens, *args, **kwargs)
+    def spy(self, step):
+        rows.append(step.input_ids.shape[0])
+        return original(self, step)
 
     monkeypatch.setattr(GPT2Runner, "decode", spy)
     out = generate(
@@ -194,13 +186,13 @@ def test_beams_share_the_prompt_kv(monkeypatch):
     model, bank = _attached("gpt2")
     ids, mask, pids = _inputs(bank)
     seen = {}
-    original = GPT2Runner.prefill
+    original = Batch.prefill
 
-    def spy(self, batch, *args, **kwargs):
-        seen["batch"] = batch
-        return original(self, batch, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        seen["batch"] = self
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(GPT2Runner, "prefill", spy)
+    monkeypatch.setattr(Batch, "prefill", spy)
     generate(
         model,
         ids,
