@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Sub-command modules; one that fails to import (missing optional dependency) is reported when it is used.
-COMMANDS = ("demo", "train", "eval", "bench")
+COMMANDS = ("demo", "train", "eval", "bench", "serve")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
