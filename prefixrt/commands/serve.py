@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     e = parser.add_argument_group("engine")
     e.add_argument("--max-batch-size", type=int, default=16, help="requests running at once (default 16)")
-    e.add_argument("--max-prompt-tokens", type=int, default=256, help="longest prompt or source (default 256)")
+    e.add_argument(
+        "--max-prompt-tokens", type=int, default=256, help="longest prompt or source (default 256)"
+    )
     e.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per completion (default 128)")
     e.add_argument(
         "--max-waiting",
@@ -153,7 +155,9 @@ def load(args: argparse.Namespace):
         if name not in BUILTIN_MODELS or args.tokenizer is not None or BUILTIN_MODELS[name][0] != "gpt2":
             raise
         tokenizer = byte_level_tokenizer()
-        print("prefixrt serve: no GPT-2 tokenizer files found; using the byte-level fallback", file=sys.stderr)
+        print(
+            "prefixrt serve: no GPT-2 tokenizer files found; using the byte-level fallback", file=sys.stderr
+        )
         model = build_model(name, seed=args.model_seed, vocab_size=len(tokenizer), **overrides)
     served = args.served_model_name or (name if name in BUILTIN_MODELS else Path(name).resolve().name)
     return model.requires_grad_(False), tokenizer, served
@@ -172,7 +176,9 @@ def build_app(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.allow_prefix_updates and args.prefix_dir is None:
-        raise ValueError("--allow-prefix-updates needs --prefix-dir (the only folder prefixes are loaded from)")
+        raise ValueError(
+            "--allow-prefix-updates needs --prefix-dir (the only folder prefixes are loaded from)"
+        )
     if args.prefix_dir is not None and not args.prefix_dir.is_dir():
         raise ValueError(f"--prefix-dir {args.prefix_dir}: not a directory")
     if args.max_waiting < 0:

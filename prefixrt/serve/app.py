@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixrt.engine import SamplingParams
 from prefixrt.serve.engine_loop import Handle, Update
-from prefixrt.serve.errors import APIError, error_body
+from prefixrt.serve.errors import APIError
 from prefixrt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from prefixrt.serve.prefixes import read_entry
 from prefixrt.serve.protocol import (
@@ -135,7 +135,8 @@ class ServeState:
 def bank_snapshot(bank) -> dict[str, dict[str, int]]:
     """``{name: {site: prefix length}}`` of every entry (read on the thread that owns the bank)."""
     return {
-        name: {site: int(bank.lengths(site)[bank.id_of(name)]) for site in bank.spec.sites} for name in bank.names
+        name: {site: int(bank.lengths(site)[bank.id_of(name)]) for site in bank.spec.sites}
+        for name in bank.names
     }
 
 
@@ -354,7 +355,9 @@ class _Server:
             if not ids:  # OpenAI: an empty prompt is generated as from the start of a new document
                 start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
                 if start is None:
-                    raise APIError(400, "the prompt is empty and the tokenizer has no BOS token", param="prompt")
+                    raise APIError(
+                        400, "the prompt is empty and the tokenizer has no BOS token", param="prompt"
+                    )
                 ids = [start]
             out.append(ids)
         return out
@@ -411,7 +414,9 @@ class _Server:
         if body.min_tokens:
             if body.min_tokens > max_tokens:
                 raise APIError(
-                    400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens"
+                    400,
+                    f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}",
+                    param="min_tokens",
                 )
             kwargs["min_new_tokens"] = body.min_tokens
         if body.repetition_penalty != 1.0:
@@ -419,6 +424,62 @@ class _Server:
         return SamplingParams(**kwargs)
 
     # -- routes ------------------------------------------------------------------------------------------------
+    async def load_prefix(self, body: PrefixLoadRequest) -> dict:
+        """Read the entry off the loop thread, then add it to the bank on the loop thread."""
+        state = self.state
+        if body.name == state.config.model_name:
+            raise APIError(400, f"{body.name!r} is the base model's name", param="name")
+        if body.name in state.prefixes and not body.replace:
+            raise APIError(
+                409,
+                f"a prefix named {body.name!r} is already served; DELETE it first or pass replace=true",
+                param="name",
+                code="prefix_exists",
+            )
+        kv = await asyncio.to_thread(
+            read_entry,
+            state.config.prefix_dir,
+            state.bank,
+            bank_file=body.bank,
+            entry=body.entry,
+            peft=body.peft,
+            name=body.name,
+        )
+        bank = state.bank
+
+        def add() -> dict:
+            bank.add(body.name, kv, replace=body.replace)
+            return bank_snapshot(bank)
+
+        try:
+            state.prefixes = await state.loop.call(add)
+        except ValueError as err:  # wrong architecture, NaN, exists (a concurrent load won)
+            raise APIError(400, f"cannot add prefix {body.name!r}: {err}", param="name") from None
+        state.metrics.prefixes.set(len(state.prefixes))
+        return _model_card(state, body.name)
+
+    async def delete_prefix(self, name: str) -> dict:
+        """Remove a prefix on the loop thread: running requests finish with it, waiting ones fail, new ones
+        get a 404."""
+        state = self.state
+        if name == state.config.model_name:
+            raise APIError(400, f"{name!r} is the base model, not a prefix", param="name")
+        self.resolve_model(name)
+        bank = state.bank
+
+        def remove() -> dict:
+            bank.remove(name)
+            return bank_snapshot(bank)
+
+        try:
+            state.prefixes = await state.loop.call(remove)
+        except KeyError:  # removed meanwhile
+            raise APIError(
+                404, f"The model {name!r} does not exist", param="model", code="model_not_found"
+            ) from None
+        state.metrics.prefixes.set(len(state.prefixes))
+        return {"id": name, "object": "model", "deleted": True}
+
     async def completions(self, request: Request, body: CompletionRequest):
         if body.prompt is None:
             raise APIError(422, "prompt: field required", param="prompt", code="invalid_value")
@@ -449,7 +510,9 @@ class _Server:
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:
-            raise APIError(400, f"the chat template failed on these messages: {err}", param="messages") from None
+            raise APIError(
+                400, f"the chat template failed on these messages: {err}", param="messages"
+            ) from None
         prompts = [tok(text, add_special_tokens=state.model_type == "bart").input_ids]
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
@@ -457,7 +520,11 @@ class _Server:
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # what the context leaves, up to the server's limit
             n = len(prompts[0])
-            shift = state.prefixes[prefix].get("decoder", 0) if prefix and state.position_offset == "prefix" else 0
+            shift = (
+                state.prefixes[prefix].get("decoder", 0)
+                if prefix and state.position_offset == "prefix"
+                else 0
+            )
             used = (n if state.model_type == "gpt2" else 1) + shift
             max_tokens = max(1, min(state.max_new_tokens, state.max_positions - used))
         job = _Job("chat", body, prompts, prefix, body.stop_strings(), max_tokens)
@@ -502,7 +569,13 @@ class _Server:
                     index = p * n + i
                     job.handles.append(
                         await state.loop.submit(
-                            ids, job.prefix, params[index], sink=sink, index=index, label=body.model, arrival=arrival
+                            ids,
+                            job.prefix,
+                            params[index],
+                            sink=sink,
+                            index=index,
+                            label=body.model,
+                            arrival=arrival,
                         )
                     )
                     submitted += 1

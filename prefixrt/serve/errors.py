@@ -25,7 +25,9 @@ _TYPES = {
 }
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """The JSON body of an error answer."""
     return {
         "error": {

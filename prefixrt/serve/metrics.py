@@ -7,7 +7,14 @@ gauges after every step and observes the latencies, measured from the moment the
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics"]
 
@@ -24,7 +31,9 @@ class ServeMetrics:
         self.kv_pool_bytes = Gauge(
             "prefixrt_kv_pool_bytes", "Bytes of the engine's preallocated K/V pool.", registry=r
         )
-        self.kv_pool_rows = Gauge("prefixrt_kv_pool_rows", "Rows of the K/V pool (max batch size).", registry=r)
+        self.kv_pool_rows = Gauge(
+            "prefixrt_kv_pool_rows", "Rows of the K/V pool (max batch size).", registry=r
+        )
         self.kv_pool_usage = Gauge(
             "prefixrt_kv_pool_usage_ratio", "Fraction of the K/V pool's rows in use (0 to 1).", registry=r
         )
@@ -50,7 +59,9 @@ class ServeMetrics:
         self.generation_tokens = Counter(
             "prefixrt_generation_tokens", "Tokens generated (every request).", registry=r
         )
-        self.prompt_tokens = Counter("prefixrt_prompt_tokens", "Prompt tokens of accepted requests.", registry=r)
+        self.prompt_tokens = Counter(
+            "prefixrt_prompt_tokens", "Prompt tokens of accepted requests.", registry=r
+        )
         self.requests = Counter(
             "prefixrt_requests",
             "Engine requests that ended, by model (a prefix name or the base model) and how they ended "

@@ -30,7 +30,9 @@ def resolve_under(root: Path, relative: str, param: str) -> Path:
             code="path_not_allowed",
         )
     if not path.exists():
-        raise APIError(400, f"{param} {relative!r}: no such file or directory under --prefix-dir", param=param)
+        raise APIError(
+            400, f"{param} {relative!r}: no such file or directory under --prefix-dir", param=param
+        )
     return path
 
 
