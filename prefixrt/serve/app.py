@@ -636,6 +636,8 @@ class _Server:
                     return APIError(404, f"The model {job.prefix!r} was removed: {end.error}", param="model",
                                     code="model_not_found")  # fmt: skip
                 if end.status == "error":
+                    if not self.state.loop.alive:  # shutting down
+                        return APIError(503, end.error or "the server is shutting down", code="engine_down")
                     return APIError(500, end.error or "the request failed", code="engine_error")
                 return APIError(400, end.error or "the request failed", code="request_failed")
         return None

@@ -46,8 +46,9 @@ _ENDED = ("finished", "aborted", "failed")
 
 @dataclass(frozen=True)
 class End:
-    """How a request ended: ``status`` ``"finished"`` (``reason`` ``"eos"`` or ``"length"``), ``"aborted"``, or
-    ``"failed"`` (``error`` says why)."""
+    """How a request ended: ``status`` ``"finished"`` (``reason`` ``"eos"`` or ``"length"``), ``"aborted"``,
+    ``"failed"`` (the engine refused it when it was to start: its prefix was removed meanwhile, ...) or ``"error"``
+    (the engine broke, or the server is shutting down); ``error`` says why."""
 
     status: str
     reason: str | None
@@ -218,6 +219,7 @@ class EngineLoop:
         self._live[request_id] = _Live(handle, label, arrival)
         self._not_started.add(request_id)
         if self.metrics is not None:
+            self.metrics.accepted.inc()
             self.metrics.prompt_tokens.inc(len(prompt_ids))
         done.set_result(request_id)
 
@@ -296,7 +298,7 @@ class EngineLoop:
                 self.engine.abort(request_id)
             except Exception:  # noqa: S110 - the engine may be broken; the request ends anyway
                 pass
-            self._end(request_id, End("failed", "failed", error), label_reason, now)
+            self._end(request_id, End("error", "failed", error), label_reason, now)
 
     def _pop(self, request_id: int) -> Any:
         try:

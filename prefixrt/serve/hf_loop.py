@@ -77,6 +77,9 @@ class HFGenerateLoop:
         handle.id = next(self._ids)
         cancel = self._cancel[handle.id] = threading.Event()
         arrival = time.monotonic() if arrival is None else arrival
+        if self.metrics is not None:
+            self.metrics.accepted.inc()
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
         self._pool.submit(self._generate, handle, prompt_ids, prefix, params, cancel, label, arrival)
         return handle
 

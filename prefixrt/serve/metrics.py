@@ -62,6 +62,11 @@ class ServeMetrics:
         self.prompt_tokens = Counter(
             "prefixrt_prompt_tokens", "Prompt tokens of accepted requests.", registry=r
         )
+        self.accepted = Counter(
+            "prefixrt_requests_accepted",
+            "Engine requests accepted (one per choice of each prompt); each ends once, in prefixrt_requests.",
+            registry=r,
+        )
         self.requests = Counter(
             "prefixrt_requests",
             "Engine requests that ended, by model (a prefix name or the base model) and how they ended "
