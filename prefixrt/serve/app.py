@@ -181,6 +181,30 @@ def _model_card(state: ServeState, name: str) -> dict:
 
 
 # -- the app ---------------------------------------------------------------------------------------------------------
+class _ApiKey:
+    """With an API key, every ``/v1`` route needs ``Authorization: Bearer <key>`` (a 401 otherwise). A plain ASGI
+    middleware: nothing is wrapped, so streams and disconnects pass through as they are."""
+
+    def __init__(self, app, state: ServeState):
+        self.app, self.state = app, state
+        key = state.config.api_key
+        self.expected = None if key is None else ("Bearer " + key).encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(header.strip(), self.expected):
+                self.state.metrics.http_errors.labels("401").inc()
+                err = APIError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await _error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServeState) -> FastAPI:
     """The FastAPI app over ``state``; its lifespan starts and stops the engine loop."""
     from contextlib import asynccontextmanager
@@ -220,22 +244,7 @@ def create_app(state: ServeState) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return await _api_error(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        key = state.config.api_key
-        if key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-                state.metrics.http_errors.labels("401").inc()
-                return _error_response(
-                    APIError(
-                        401,
-                        "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                        code="invalid_api_key",
-                    )
-                )
-        return await call_next(request)
+    app.add_middleware(_ApiKey, state=state)
 
     @app.get("/health")
     async def health():
