@@ -20,7 +20,8 @@ from pathlib import Path
 
 NAME = "bench"
 HELP = (
-    "Benchmarks (`prefixrt bench generate`: mixed-prefix generation vs PEFT-style and attached HF generate)."
+    "Benchmarks (`prefixrt bench generate`: mixed-prefix generation vs PEFT-style and attached HF generate; "
+    "`prefixrt bench serve`: the HTTP server under load)."
 )
 
 # The speed-up targets for prefixrt.generate: on a 2-core CPU with 8 prefixes x 4 requests; on a GPU with 64 x 4.
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--out", type=Path, default=Path("generate_bench.json"), help="JSON output")
     g.add_argument("--plot", type=Path, default=None, help="PNG output (default: --out with .png)")
+    from prefixrt.commands.bench_serve import add_serve_parser
+
+    add_serve_parser(sub)
 
 
 def cpu_name() -> str:
@@ -112,6 +116,10 @@ def _decode_backend(bank, backend: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "serve":
+        from prefixrt.commands.bench_serve import run_serve
+
+        return run_serve(args)
     import torch
 
     import prefixrt
