@@ -106,6 +106,8 @@ class EngineLoop:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None  # why the loop thread died, if it did
         self.steps = 0
+        self._closed = False  # set (under _lock) when the loop thread takes no more commands
+        self._lock = threading.Lock()
 
     # -- lifetime (asyncio side) ----------------------------------------------------------------------------------
     def start(self, aloop: asyncio.AbstractEventLoop) -> None:
@@ -147,7 +149,7 @@ class EngineLoop:
         handle = Handle(index, sink)
         done: concurrent.futures.Future = concurrent.futures.Future()
         arrival = time.monotonic() if arrival is None else arrival
-        self._commands.put(("submit", handle, prompt_ids, prefix, params, done, label, arrival))
+        self._put(("submit", handle, prompt_ids, prefix, params, done, label, arrival))
         try:
             await asyncio.wrap_future(done)
         except asyncio.CancelledError:
@@ -164,8 +166,14 @@ class EngineLoop:
         if not self.alive:
             raise RuntimeError("the engine loop is not running")
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("call", fn, done))
+        self._put(("call", fn, done))
         return await asyncio.wrap_future(done)
+
+    def _put(self, command: tuple) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine loop is not running")
+            self._commands.put(command)
 
     # -- the loop thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -190,7 +198,21 @@ class EngineLoop:
             raise
         finally:
             self._fail_all("the server is shutting down", "error")
+            self._refuse_queued()
             self._set_gauges()
+
+    def _refuse_queued(self) -> None:
+        """Take no more commands; those already queued get an error (nobody waits forever)."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            done = {"submit": 5, "call": 2}.get(command[0])
+            if done is not None and command[done].set_running_or_notify_cancel():
+                command[done].set_exception(RuntimeError("the server is shutting down"))
 
     def _drain(self, block: bool) -> bool:
         """Apply every queued command (waiting up to ``idle_poll`` for one when ``block``); False on stop."""
@@ -227,7 +249,10 @@ class EngineLoop:
         live = self._live.get(handle.id) if handle.id is not None else None
         if live is None or live.handle is not handle:
             return  # ended already, or never accepted
-        self.engine.abort(handle.id)
+        try:
+            self.engine.abort(handle.id)
+        except KeyError:  # pragma: no cover - the engine forgot it: it ends here all the same
+            pass
         self._end(handle.id, End("aborted", "aborted"), reason, time.monotonic())
 
     def _do_call(self, fn, done) -> None:
@@ -271,7 +296,10 @@ class EngineLoop:
             metrics.steps.inc()
             metrics.generation_tokens.inc(len(events))
         self._send(items)
-        # requests that ended without a token: failed at admission (their prefix was removed meanwhile, ...)
+        # requests that ended without a token: failed at admission (their prefix was removed meanwhile, ...);
+        # when as many of ours are waiting as the engine has waiting, none did (the scan is skipped)
+        if len(self._not_started) == self.engine.num_waiting:
+            return
         for request_id in [r for r in self._not_started if r not in tokens]:
             status = self._status(request_id)
             if status is not None and status not in _ENDED:
