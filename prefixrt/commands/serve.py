@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,7 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h = parser.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
-    h.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route")
+    h.add_argument(
+        "--api-key",
+        default=os.environ.get("PREFIXRT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $PREFIXRT_API_KEY, else none)",
+    )
     h.add_argument(
         "--allow-prefix-updates",
         action="store_true",

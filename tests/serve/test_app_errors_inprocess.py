@@ -81,3 +81,18 @@ def test_405_and_unknown_routes():
     with app_with(BrokenLoop()) as client:
         assert_openai_error(client.get("/v1/completions"), 405)
         assert_openai_error(client.post("/v2/anything", json={}), 404)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--allow-prefix-updates"], "--prefix-dir"),
+        (["--prefix-dir", "/no/such/dir"], "not a directory"),
+        (["--max-waiting", "-1"], "--max-waiting"),
+    ],
+)
+def test_bad_command_lines_are_refused_before_anything_is_built(argv, message, capsys):
+    from prefixrt.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
