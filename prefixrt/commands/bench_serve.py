@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine_sizes = dict(max_prompt_tokens=args.prompt_len, max_new_tokens=args.new_tokens)
     results: list[dict] = []
     tokens: dict[str, list] = {}
+    key = os.environ.get("PREFIXRT_API_KEY")  # the servers require it when it is set
     with tempfile.TemporaryDirectory() as tmp:
         bank_file = Path(tmp) / "bench_bank.safetensors"
         bank.save(bank_file)
@@ -144,9 +146,13 @@ def run_serve(args: argparse.Namespace) -> int:
                 continue
             with ServerProcess(common + extra, Path(tmp) / f"{method}.log") as server:
                 url = server.wait_ready()
-                tokens[method] = fetch_tokens(url, check)  # also the warm-up
+                tokens[method] = fetch_tokens(url, check, key)  # also the warm-up
                 for c, requests in levels.items():
-                    row = {"method": method, **run_level(url, requests, c), "load_after": _load()}
+                    row = {
+                        "method": method,
+                        **run_level(url, requests, c, api_key=key),
+                        "load_after": _load(),
+                    }
                     results.append(row)
                     print(_line(row), flush=True)
     if "engine_offline" in args.methods:

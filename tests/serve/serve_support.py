@@ -80,6 +80,7 @@ class Server:
 
 def start_server(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFIXRT_SHARED_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFIXRT_API_KEY", None)  # each server is given its key (or none) explicitly
     out = open(log, "w")  # a file, not a pipe: a full pipe would block the server
     return subprocess.Popen(
         [sys.executable, "-m", "prefixrt", "serve", "--port", "0", "--threads", "1", *args],
