@@ -21,6 +21,7 @@ from pathlib import Path
 NAME = "bench"
 HELP = (
     "Benchmarks (`prefixrt bench generate`: mixed-prefix generation vs PEFT-style and attached HF generate; "
+    "`prefixrt bench train`: a training step vs HF PEFT and the frozen base; "
     "`prefixrt bench serve`: the HTTP server under load)."
 )
 
@@ -30,8 +31,10 @@ TARGETS = {"cpu": {"peft_style": 3.0, "hf_attached": 1.5}, "cuda": {"peft_style"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from prefixrt.bench.generation import METHODS
+    from prefixrt.commands import bench_train
 
     sub = parser.add_subparsers(dest="bench", required=True)
+    bench_train.add_parser(sub)
     g = sub.add_parser(
         "generate",
         help="end-to-end mixed-prefix generation vs PEFT-style and attached HF generate()",
@@ -116,6 +119,10 @@ def _decode_backend(bank, backend: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "train":
+        from prefixrt.commands import bench_train
+
+        return bench_train.run(args)
     if args.bench == "serve":
         from prefixrt.commands.bench_serve import run_serve
 

@@ -2,6 +2,7 @@
 extension points (attention and mask registries, ``prepare_inputs_for_generation``)."""
 
 from prefixrt.hf.attach import PrefixSource, attach, attention_sites, binding_of, detach, is_attached
+from prefixrt.hf.backend_choice import training_backend
 from prefixrt.hf.text_prefix import add_text_prefix
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "binding_of",
     "detach",
     "is_attached",
+    "training_backend",
 ]

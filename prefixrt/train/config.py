@@ -116,6 +116,9 @@ class RunOptions:
         Called at every dev evaluation with the model in eval mode (attached, when prefix-tuning; on rank 0
         only): e.g. dev BLEU from a few generations. Its values join the log row. It must not change the
         parameters.
+    micro_batch_size : int, optional
+        Rows per forward/backward inside a batch (gradients accumulated, so the update is the whole batch's);
+        where a smaller batch runs faster on the device (caches, memory). Default: the whole batch at once.
     dist : Dist, optional
         The process group (default :meth:`Dist.current`): with several processes the data are sharded with
         :class:`~prefixrt.tasks.MixedTaskBatchSampler`, the trained gradients are summed with ``all_reduce``, and
@@ -135,7 +138,14 @@ class RunOptions:
     dev_data: Mapping[str, Sequence[Encoded]] | None = None
     eval_every: int | None = None
     eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None
+    micro_batch_size: int | None = None
     dist: Dist | None = None
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is not None and (
+            not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1
+        ):
+            raise ValueError(f"micro_batch_size must be a positive int, got {self.micro_batch_size!r}")
 
     @classmethod
     def of(cls, options: RunOptions | None, overrides: Mapping[str, Any]) -> RunOptions:
@@ -173,6 +183,9 @@ class TrainResult:
     log_path, plot_path : Path or None
     trainable_parameters : int
         Number of trained parameters (the tuner's, or the whole model's when fine-tuning).
+    attention_backend : str or None
+        The prefix-attention backend the training steps ran (``"cpp"``, ``"triton"``, ``"reference"``); None when
+        fine-tuning (no prefix).
     """
 
     step: int
@@ -182,6 +195,7 @@ class TrainResult:
     log_path: Path | None = None
     plot_path: Path | None = None
     trainable_parameters: int = 0
+    attention_backend: str | None = None
 
     @property
     def final_loss(self) -> float:

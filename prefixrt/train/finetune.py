@@ -78,6 +78,10 @@ class _ModelTarget:
     def prefix_ids(self, task_ids: torch.Tensor) -> None:
         return None
 
+    def attention_backend(self, model: nn.Module) -> None:
+        """Fine-tuning runs the model's own attention: no prefix backend."""
+        return None
+
 
 def finetune(
     model: nn.Module,

@@ -173,6 +173,12 @@ class _PrefixTarget:
         """What the model gets as ``prefix_ids`` for rows of these collator ids."""
         return task_ids
 
+    def attention_backend(self, model: nn.Module) -> str | None:
+        """The backend the attached model's training calls run (with its dropout, needing gradients)."""
+        from prefixrt.hf import training_backend
+
+        return training_backend(model)
+
 
 def train(
     model: nn.Module,
@@ -332,6 +338,9 @@ def run_training(
         checkpointing_was = set_gradient_checkpointing(model, True)
     model.train()
     target.train(True)
+    backend = target.attention_backend(model)  # in train mode: with the attention dropout HF will pass
+    if backend is not None and options.progress and dist.is_main:
+        print(f"{target.title}: prefix attention runs the {backend!r} backend", file=sys.stderr)
     try:
         if evaluating and step == 0 and end > 0:
             evaluate()
@@ -358,11 +367,19 @@ def run_training(
                 stats = torch.zeros(2, len(task_names), dtype=torch.float64, device=device)
                 if batch is not None:
                     prefix_ids = target.prefix_ids(batch["task_ids"].to(device))
-                    loss_sum, row_loss, row_tokens = lm_loss(model, tensors, prefix_ids, reduction="sum")
-                    (loss_sum / global_tokens).backward()
-                    rows = torch.tensor([task_index[t] for t in batch["tasks"]], device=device)
-                    stats[0].index_add_(0, rows, row_loss.to(stats.dtype))
-                    stats[1].index_add_(0, rows, row_tokens.to(stats.dtype))
+                    tasks_of_rows = torch.tensor([task_index[t] for t in batch["tasks"]], device=device)
+                    for rows in _micro_batches(len(batch["tasks"]), options.micro_batch_size):
+                        loss_sum, row_loss, row_tokens = lm_loss(
+                            model,
+                            {k: v[rows] for k, v in tensors.items()},
+                            None if prefix_ids is None else prefix_ids[rows],
+                            reduction="sum",
+                        )
+                        (
+                            loss_sum / global_tokens
+                        ).backward()  # summed over micro-batches: the batch's gradient
+                        stats[0].index_add_(0, tasks_of_rows[rows], row_loss.to(stats.dtype))
+                        stats[1].index_add_(0, tasks_of_rows[rows], row_tokens.to(stats.dtype))
                 all_reduce_grads(params, dist)
                 # -- per-group update rule, decided from the global batch --
                 for group, group_params in groups.items():
@@ -410,11 +427,18 @@ def run_training(
         checkpoint_path,
         log.path,
         trainable_parameters=sum(p.numel() for p in params),
+        attention_backend=backend,
     )
     if options.plot_path is not None and dist.is_main and log.rows:
         if plot_losses(log.rows, task_names, options.plot_path, title=f"{target.title} loss"):
             result.plot_path = Path(options.plot_path)
     return result
+
+
+def _micro_batches(rows: int, size: int | None) -> list[slice]:
+    """Row slices of at most ``size`` rows covering ``0 .. rows - 1`` (one slice when ``size`` is None)."""
+    size = size or rows
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _check_resumable(checkpoint, config: TrainConfig, fingerprint: str, total_steps: int) -> None:
