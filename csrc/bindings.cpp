@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("needs"));
   m.def("dropout_mask", &prefixrt::dropout_mask,
         "dropout multipliers of elements (b, h, i, j) as the kernels draw them", py::arg("coords"),
-        py::arg("heads"), py::arg("q_len"), py::arg("key_stride"), py::arg("seed"), py::arg("offset"),
-        py::arg("threshold"), py::arg("dropout_scale"));
+        py::arg("heads"), py::arg("q_len"), py::arg("key_stride"), py::arg("seed"),
+        py::arg("offset"), py::arg("threshold"), py::arg("dropout_scale"));
   m.def("simd_isa", &prefixrt::simd_isa, "the SIMD path this build was compiled for");
 }

@@ -7,8 +7,8 @@
 //   S = Q K^T (masked),  m' = max(m, rowmax S),  P = exp(S - m'),
 //   l = l * exp(m - m') + rowsum P,  O = O * exp(m - m') + P V,  m = m'.
 // finalize() writes O / l and lse = m + log l (natural log), or 0 and -inf for a row that saw no
-// key. With dropout, P is multiplied by the mask (philox.h) after l is updated and before P V: l and
-// the lse stay those of the undropped scores.
+// key. With dropout, P is multiplied by the mask (philox.h) after l is updated and before P V: l
+// and the lse stay those of the undropped scores.
 #pragma once
 
 #include <algorithm>

@@ -320,8 +320,8 @@ at::Tensor dropout_mask(const at::Tensor& coords, int64_t H, int64_t Tq, int64_t
                         int64_t seed, int64_t offset, int64_t threshold, double dropout_scale) {
   TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 4 && coords.scalar_type() == at::kLong &&
                   coords.device().is_cpu(),
-              "coords must be a CPU int64 tensor [N, 4] of (b, h, i, j), got ", coords.scalar_type(),
-              " ", coords.sizes());
+              "coords must be a CPU int64 tensor [N, 4] of (b, h, i, j), got ",
+              coords.scalar_type(), " ", coords.sizes());
   Dropout d = make_dropout(true, seed, offset, threshold, dropout_scale, 0, 0);
   d.key_stride = key_stride;
   const at::Tensor c = coords.contiguous();

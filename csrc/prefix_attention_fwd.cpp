@@ -78,7 +78,8 @@ void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const 
         // own key t is key j = P_b + t of the row's [prefix ; own] list
         const int64_t id = a.ids[run.b];
         const int64_t plen = id >= 0 ? a.offsets[id + 1] - a.offsets[id] : 0;
-        attend_segment(t, run.t0, run.n, own, limit.data(), {&a.drop, row_ctr.data() + run.t0, plen});
+        attend_segment(t, run.t0, run.n, own, limit.data(),
+                       {&a.drop, row_ctr.data() + run.t0, plen});
       }
       // -- normalize and write out [B, H, Tq, D] / lse [B, H, Tq] (both contiguous)
       for (int64_t r = tile.run_begin; r < tile.run_end; ++r) {

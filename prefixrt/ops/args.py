@@ -91,7 +91,9 @@ class AttentionArgs:
     @staticmethod
     def from_op_inputs(*inputs) -> AttentionArgs:
         """Inverse of :meth:`op_inputs`."""
-        q, k, v, bank_k, bank_v, offsets, prefix_ids, table, dims, mask, causal, scale, dropout_p, philox = inputs
+        q, k, v, bank_k, bank_v, offsets, prefix_ids, table, dims, mask, causal, scale, dropout_p, philox = (
+            inputs
+        )
         return AttentionArgs(q, k, v, BankLayer(bank_k, bank_v, offsets),
                              StepPlan.from_op_inputs(prefix_ids, table, dims), mask, causal, scale, dropout_p,
                              philox)  # fmt: skip

@@ -40,7 +40,9 @@ __all__ = [
     "draw_philox_state",
     "philox_ints",
     "dropout_multiplier",
+    "dropout_multiplier_at",
     "check_dropout_p",
+    "advance_generator",
 ]
 
 MASK32 = 0xFFFFFFFF
@@ -168,6 +170,18 @@ def advance_generator(generator, increment: int) -> torch.Tensor:
     seed, offset = int(generator.initial_seed()), int(generator.get_offset())
     generator.set_offset(offset + -(-int(increment) // 4) * 4)
     return torch.tensor([_signed64(seed), _signed64(offset)], dtype=torch.long)
+
+
+def dropout_multiplier_at(
+    philox: torch.Tensor, dropout_p: float, heads: int, q_len: int, stride: int, coords: torch.Tensor
+) -> torch.Tensor:
+    """The scaled mask of single elements: fp32 ``[N]`` for ``coords`` LongTensor ``[N, 4]`` of ``(b, h, i, j)``
+    (the definition elementwise; tests hold the kernels' helpers against it)."""
+    seed, offset = philox_ints(philox)
+    b, h, i, j = coords.long().unbind(1)
+    counter = _signed64(offset) + ((b * int(heads) + h) * int(q_len) + i) * int(stride) + j
+    keep = randint(seed, counter) >= dropout_keep_threshold(dropout_p)
+    return keep.to(torch.float32) * dropout_scale(dropout_p)
 
 
 def dropout_multiplier(

@@ -23,9 +23,7 @@ __all__ = ["prefix_attention_op", "prefix_attention_backward_op", "run_op"]
 
 _INPUTS = ", ".join(f"{kind} {name}" for name, kind in OP_FIELDS) + ", str backend"
 _FORWARD_SCHEMA = f"({_INPUTS}) -> (Tensor, Tensor)"
-_BACKWARD_SCHEMA = (
-    f"(Tensor dout, {_INPUTS}, Tensor out, Tensor lse, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
+_BACKWARD_SCHEMA = f"(Tensor dout, {_INPUTS}, Tensor out, Tensor lse, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 _N = len(OP_FIELDS)
 ALL_GRADS = (True, True, True, True, True)
 

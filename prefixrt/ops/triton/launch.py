@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 import triton
 
+from prefixrt.kernels.dropout import dropout_mask_kernel
 from prefixrt.kernels.prefix_attention_bwd import (
     prefix_attention_bwd_bank_kernel,
     prefix_attention_bwd_dkdv_kernel,
     prefix_attention_bwd_dq_kernel,
     prefix_attention_bwd_preprocess_kernel,
 )
-from prefixrt.kernels.dropout import dropout_mask_kernel
 from prefixrt.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
 from prefixrt.ops.args import AttentionArgs
 from prefixrt.ops.dropout import dropout_keep_threshold, dropout_scale
