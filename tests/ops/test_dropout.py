@@ -166,18 +166,6 @@ def test_cpu_state_follows_manual_seed():
     assert not torch.equal(a, b) and a[1] == 0 and a.dtype == torch.long
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_state_is_the_generators_seed_and_offset():
-    torch.manual_seed(11)
-    gen = torch.cuda.default_generators[torch.cuda.current_device()]
-    start = gen.get_offset()
-    state = D.draw_philox_state("cuda", 1001)
-    assert D.philox_ints(state) == (gen.initial_seed(), start) and gen.get_offset() == start + 1004
-    torch.manual_seed(11)
-    assert torch.equal(D.draw_philox_state("cuda", 1001), state)
-
-
 # -- the reference follows the definition ----------------------------------------------------------------------
 def make_call(batch=4, heads=2, tq=5, tk=6, dim=8, lengths=(3, 0, 4), ids=(2, -1, 0, 2), seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -259,7 +247,7 @@ def op_args(call, dropout_p=0.2, philox=None, scale=0.35):
 
 
 def test_gradcheck_with_a_fixed_mask():
-    call = list(make_call(batch=3, tq=3, tk=4, dim=4, ids=(0, -1, 2)))
+    call = list(make_call(batch=3, heads=1, tq=3, tk=4, dim=4, ids=(0, -1, 2)))
     args = op_args(call, dropout_p=0.5)
     leaves = [t.requires_grad_(True) for t in call[:5]]
 
