@@ -248,8 +248,11 @@ def prefix_attention_bwd_dkdv_kernel(
     do_base = DOUT + b * stride_dob + h * stride_doh
     lse_base = LSE + b * stride_lb + h * stride_lh
     delta_base = DELTA + b * stride_db + h * stride_dh
-    _, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
-    keys = plen + offs_n.to(tl.int64)
+    if DROPOUT:  # own key t is key j = P_b + t of the dropout counters
+        _, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
+        keys = plen + offs_n.to(tl.int64)
+    else:
+        keys = offs_n.to(tl.int64)  # unused
     bh = b * N_HEADS + h
     dk, dv = _dkdv_range(
         dk, dv, k, v, valid_n, offs_n, q_base, do_base, lse_base, delta_base,
