@@ -329,9 +329,15 @@ at::Tensor dropout_mask(const at::Tensor& coords, int64_t H, int64_t Tq, int64_t
   auto out = at::empty({n}, c.options().dtype(at::kFloat));
   const int64_t* p = c.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  for (int64_t e = 0; e < n; ++e) {
+  // runs of consecutive keys of one query go through the kernels' vector path, as in attention
+  for (int64_t e = 0; e < n;) {
     const int64_t* x = p + 4 * e;
-    d.multipliers(d.row_counter(x[0] * H + x[1], Tq, x[2]), x[3], 1, o + e);
+    int64_t run = 1;
+    while (e + run < n && p[4 * (e + run)] == x[0] && p[4 * (e + run) + 1] == x[1] &&
+           p[4 * (e + run) + 2] == x[2] && p[4 * (e + run) + 3] == x[3] + run)
+      ++run;
+    d.multipliers(d.row_counter(x[0] * H + x[1], Tq, x[2]), x[3], run, o + e);
+    e += run;
   }
   return out;
 }

@@ -21,7 +21,7 @@ from prefixrt.ops.registry import get_backend
 
 MASK64 = (1 << 64) - 1
 # (seed, offset) pairs: small, a seed >= 2^63, an offset whose counters wrap past 2^64
-STATES = [(0, 0), (1234567, 1 << 40), ((1 << 63) + 77, 8), (42, MASK64 - 1000)]
+STATES = [(0, 0), (1234567, 1 << 40), ((1 << 63) + 77, 8), (42, MASK64 - 1000), (5, (1 << 32) - 3)]
 
 
 # -- Philox 4x32-10 itself -------------------------------------------------------------------------------------
@@ -70,13 +70,21 @@ def random_coords(n, batch, heads, q_len, stride, seed=0):
 
 @pytest.mark.usefixtures("cpp_kernels")
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
-@pytest.mark.parametrize("state", STATES, ids=["small", "offset-2^40", "seed>=2^63", "offset-wraps"])
+@pytest.mark.parametrize(
+    "state", STATES, ids=["small", "offset-2^40", "seed>=2^63", "offset-wraps", "low-word-carry"]
+)
 def test_reference_triton_and_cpp_draw_the_same_mask(state, dropout_p):
     from prefixrt.ops.cpp.backend import cpp_dropout_mask
     from prefixrt.ops.triton.launch import dropout_mask
 
     heads, q_len, stride = 3, 37, 251
     coords = random_coords(4096, 5, heads, q_len, stride, seed=state[1] % 13)
+    # and whole rows of keys (the kernels' vectorized path draws runs of consecutive keys)
+    rows = random_coords(6, 5, heads, q_len, 1, seed=state[1] % 7)
+    rows[0] = 0  # row (0, 0, 0): its counters are offset + j (a low word that carries, for the last state)
+    rows = rows.repeat_interleave(stride, 0)
+    rows[:, 3] = torch.arange(stride).repeat(6)
+    coords = torch.cat([coords, rows])
     philox = philox_state(*state)
     want = D.dropout_multiplier_at(philox, dropout_p, heads, q_len, stride, coords)
     assert set(want.unique().tolist()) == {0.0, D.dropout_scale(dropout_p)}
