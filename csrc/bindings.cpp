@@ -11,11 +11,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &prefixrt::prefix_attention_forward, "prefix attention forward -> (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bank_k"), py::arg("bank_v"),
         py::arg("prefix_ids"), py::arg("bank_offsets"), py::arg("key_padding_mask"),
-        py::arg("causal"), py::arg("scale"));
+        py::arg("causal"), py::arg("scale"), py::arg("dropout"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("dropout_scale"));
   m.def("backward", &prefixrt::prefix_attention_backward,
         "prefix attention backward -> (dq, dk, dv, dbank_k, dbank_v)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bank_k"), py::arg("bank_v"),
         py::arg("prefix_ids"), py::arg("bank_offsets"), py::arg("key_padding_mask"),
-        py::arg("causal"), py::arg("scale"), py::arg("out"), py::arg("lse"));
+        py::arg("causal"), py::arg("scale"), py::arg("dropout"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("dropout_scale"), py::arg("out"), py::arg("lse"),
+        py::arg("needs"));
+  m.def("dropout_mask", &prefixrt::dropout_mask,
+        "dropout multipliers of elements (b, h, i, j) as the kernels draw them", py::arg("coords"),
+        py::arg("heads"), py::arg("q_len"), py::arg("key_stride"), py::arg("seed"),
+        py::arg("offset"), py::arg("threshold"), py::arg("dropout_scale"));
   m.def("simd_isa", &prefixrt::simd_isa, "the SIMD path this build was compiled for");
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "microkernels.h"
+#include "philox.h"
 
 namespace prefixrt {
 
@@ -41,13 +42,25 @@ struct BlockScratch {
   std::vector<float> kbuf;   // [kMaxBlockKeys, Dp]
   std::vector<float> vbuf;   // [kMaxBlockKeys, Dp]
   std::vector<float> mask;   // [kMaxBlockKeys]
+  std::vector<float> drop;   // [kMaxBlockKeys] dropout multipliers of one row
   std::vector<int64_t> vis;  // [max_rows] visible keys of each row in the block
   BlockScratch(int64_t Dp, int64_t max_rows)
       : kt(Dp * kMaxBlockKeys),
         kbuf(kMaxBlockKeys * Dp),
         vbuf(kMaxBlockKeys * Dp),
         mask(kMaxBlockKeys),
+        drop(kMaxBlockKeys),
         vis(max_rows) {}
+};
+
+// Where a segment's keys and a tile's rows sit in the dropout counters: key n of the segment is key
+// key_base + n of its rows' [prefix ; own] lists, row r's key 0 has counter row_ctr[r]. Off (null
+// drop) without dropout.
+struct DropoutRows {
+  const Dropout* drop = nullptr;
+  const uint64_t* row_ctr = nullptr;
+  int64_t key_base = 0;
+  bool on() const { return drop != nullptr && drop->on; }
 };
 
 // S[0:M, 0:nb] = Q[0:M, 0:Dp] . K[0:nb]^T (K given as fp32 rows). Columns nb:ncols are left

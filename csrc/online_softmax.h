@@ -7,7 +7,8 @@
 //   S = Q K^T (masked),  m' = max(m, rowmax S),  P = exp(S - m'),
 //   l = l * exp(m - m') + rowsum P,  O = O * exp(m - m') + P V,  m = m'.
 // finalize() writes O / l and lse = m + log l (natural log), or 0 and -inf for a row that saw no
-// key.
+// key. With dropout, P is multiplied by the mask (philox.h) after l is updated and before P V: l
+// and the lse stay those of the undropped scores.
 #pragma once
 
 #include <algorithm>
@@ -95,9 +96,11 @@ inline void softmax_update(float* S, int64_t lds, int64_t M, int64_t ncols, floa
   }
 }
 
-// Folds `seg` into tile rows [r0, r0 + M). Row i sees keys j < limit[i] (all n when null).
+// Folds `seg` into tile rows [r0, r0 + M). Row i sees keys j < limit[i] (all n when null). With
+// dropout (drop.on()), drop.row_ctr[i] is the counter of tile row r0 + i.
 template <typename T>
-void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const int64_t* limit) {
+void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const int64_t* limit,
+                    const DropoutRows& drop = {}) {
   const int64_t Dp = t.Dp;
   const float* Q = t.q.data() + r0 * Dp;
   float* O = t.o.data() + r0 * Dp;
@@ -116,6 +119,14 @@ void attend_segment(Tile& t, int64_t r0, int64_t M, const Segment<T>& seg, const
     apply_masks(S, kMaxBlockKeys, M, nb, ncols, j0, vis, seg.key_mask, t.blk.mask.data());
     // -- online softmax, then O += P V
     softmax_update(S, kMaxBlockKeys, M, ncols, t.m.data() + r0, t.l.data() + r0, O, Dp, Dp);
+    if (drop.on()) {  // P *= mask / (1 - p) on the visible columns (the others are 0 already)
+      float* z = t.blk.drop.data();
+      for (int64_t i = 0; i < M; ++i) {
+        drop.drop->multipliers(drop.row_ctr[i], drop.key_base + j0, vis[i], z);
+        float* s = S + i * kMaxBlockKeys;
+        for (int64_t j = 0; j < vis[i]; ++j) s[j] *= z[j];
+      }
+    }
     const RowsF32 V = rows_f32(seg.v + j0 * seg.ldv, seg.ldv, nb, t.D, Dp, t.blk.vbuf.data());
     pv_accumulate(S, kMaxBlockKeys, M, V.ptr, V.ld, nb, Dp, O, Dp, vis);
   }

@@ -5,6 +5,10 @@
 // strides (a view is read in place when its last dim is contiguous, else copied once),
 // bank_k/bank_v [H, S, D] packed (entry e owns rows offsets[e]:offsets[e+1]), prefix_ids int64 [B]
 // (-1 = none), key_padding_mask bool [B, Tk] (true = attend). Outputs are contiguous.
+//
+// Attention dropout (philox.h): `dropout` on, the Philox seed and offset as int64 bit patterns, the
+// keep threshold floor(p * 2^32) and the scale 1 / (1 - p), all as prefixrt.ops.dropout computes
+// them (one definition: the Python side passes the numbers).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,7 +17,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "philox.h"
 #include "plan.h"
 
 namespace prefixrt {
@@ -81,6 +87,22 @@ inline Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
   return in;
 }
 
+// The call's dropout; the key stride of the counters is L = S + Tk.
+inline Dropout make_dropout(bool on, int64_t seed, int64_t offset, int64_t threshold, double scale,
+                            int64_t bank_rows, int64_t Tk) {
+  Dropout d;
+  if (!on) return d;
+  TORCH_CHECK(threshold >= 0 && threshold < (int64_t{1} << 32),
+              "dropout threshold must lie in [0, 2^32), got ", threshold);
+  d.on = true;
+  d.seed = static_cast<uint64_t>(seed);
+  d.offset = static_cast<uint64_t>(offset);
+  d.threshold = static_cast<uint32_t>(threshold);
+  d.scale = static_cast<float>(scale);
+  d.key_stride = bank_rows + Tk;
+  return d;
+}
+
 // Calls fn(T{}) with T = float, c10::BFloat16 or c10::Half.
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, const char* name, Fn&& fn) {
@@ -102,13 +124,23 @@ void dispatch_dtype(at::ScalarType dtype, const char* name, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bank_k,
     const at::Tensor& bank_v, const at::Tensor& prefix_ids, const at::Tensor& bank_offsets,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale);
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, bool dropout,
+    int64_t seed, int64_t offset, int64_t threshold, double dropout_scale);
 
+// Gradients that `needs` (dq, dk, dv, dbank_k, dbank_v) leaves out are skipped and returned as
+// empty tensors (dk and dv are computed together, as are dbank_k and dbank_v).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& bank_k, const at::Tensor& bank_v, const at::Tensor& prefix_ids,
     const at::Tensor& bank_offsets, const std::optional<at::Tensor>& key_padding_mask, bool causal,
-    double scale, const at::Tensor& out, const at::Tensor& lse);
+    double scale, bool dropout, int64_t seed, int64_t offset, int64_t threshold,
+    double dropout_scale, const at::Tensor& out, const at::Tensor& lse,
+    const std::vector<bool>& needs);
+
+// Dropout multipliers (0 or scale, fp32 [N]) of the elements coords (int64 [N, 4] of (b, h, i, j))
+// of a call with H heads, Tq queries and key stride L: the kernels' mask, for tests.
+at::Tensor dropout_mask(const at::Tensor& coords, int64_t H, int64_t Tq, int64_t key_stride,
+                        int64_t seed, int64_t offset, int64_t threshold, double dropout_scale);
 
 // A string naming the SIMD path this build was compiled for ("avx2" or "default").
 inline std::string simd_isa() {

@@ -4,10 +4,16 @@
 // Per block of keys: S = Q K^T (Q pre-scaled), P = exp(S - lse), dP = dO V^T, dS = P * (dP - Di)
 // with Di = rowsum(dO * O); then dV += P^T dO, dK += dS^T Q, dQ += dS K (times scale at the end).
 //
+// Dropout (philox.h), with Z the scaled mask regenerated from the Philox state and O the dropped
+// output: dV += (P * Z)^T dO and dS = P * (Z * dP - Di) (FlashAttention's backward; P from the
+// undropped lse).
+//
 // Work: (group, head) jobs, a group being the rows that share one bank entry (rows without a prefix
 // are groups of one). A job owns the entry's dbank rows for its head and its rows' dk/dv,
 // accumulates them in fp32 and writes each once: deterministic, no atomics, entries no row uses
-// stay zero.
+// stay zero. Gradients nobody needs are not computed: without dq no dS K products, without dk/dv
+// (or the bank gradient) no products for the own keys (or the prefix), and a segment that feeds
+// none of the needed gradients is skipped.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -32,6 +38,8 @@ struct BwdArgs {
   const int64_t* offsets;
   const bool* key_padding_mask;
   at::IntArrayRef qs, ks, vs, bks, bvs, dos, os;  // strides (out and dout [B, H, Tq, D])
+  Dropout drop;
+  bool need_dq, need_kv, need_bank;  // dq; dk and dv; dbank_k and dbank_v
 };
 
 struct Group {
@@ -63,6 +71,7 @@ struct BwdScratch {
   std::vector<float> p, ds;                 // [kBwdRows, kMaxBlockKeys]
   std::vector<float> pt, dst;               // [kMaxBlockKeys, ldt]
   std::vector<int64_t> limit;
+  std::vector<uint64_t> row_ctr;        // [kBwdRows] dropout counters of the block's queries
   std::vector<float> dk, dv, dbk, dbv;  // fp32 accumulators [n, Dp]
   BlockScratch blk;
   BwdScratch(int64_t D_, int64_t Dp_)
@@ -79,17 +88,20 @@ struct BwdScratch {
         pt(kMaxBlockKeys * ldt),
         dst(kMaxBlockKeys * ldt),
         limit(kBwdRows),
+        row_ctr(kBwdRows),
         blk(Dp_, kBwdRows) {}
 };
 
-// Accumulates the gradients of one segment for rows [0, M) of the scratch: dQ into s.dq, dK/dV of
-// the segment's keys into dk_acc/dv_acc [n, Dp].
+// Accumulates the gradients of one segment for rows [0, M) of the scratch: dQ into s.dq (need_dq),
+// dK/dV of the segment's keys into dk_acc/dv_acc [n, Dp] (need_kv). With dropout, drop.row_ctr[i]
+// is the counter of block row i and the segment's key n is key drop.key_base + n.
 template <typename T>
 void backward_segment(BwdScratch& s, int64_t M, const Segment<T>& seg, const int64_t* limit,
-                      float* dk_acc, float* dv_acc) {
+                      float* dk_acc, float* dv_acc, const DropoutRows& drop, bool need_dq,
+                      bool need_kv) {
   const int64_t Dp = s.Dp, lds = kMaxBlockKeys;
   const int64_t n_used = keys_used(seg.n, M, limit);
-  if (n_used <= 0) return;
+  if (n_used <= 0 || !(need_dq || need_kv)) return;
   const int64_t step = block_keys(n_used);
   for (int64_t j0 = 0; j0 < n_used; j0 += step) {
     const int64_t nb = std::min(step, n_used - j0);
@@ -113,20 +125,36 @@ void backward_segment(BwdScratch& s, int64_t M, const Segment<T>& seg, const int
         continue;
       }
       const Vec vlse(s.lse[i]), vdi(s.di[i]);
-      for (int64_t j = 0; j < ncols; j += kVec) {
-        const Vec pj = (Vec::loadu(p + j) - vlse).exp_u20();
-        pj.store(p + j);
-        // -- dS = P * (dP - Di); padding columns hold junk dP but P = 0 there and they are never
-        // read
-        (pj * (Vec::loadu(ds + j) - vdi)).store(ds + j);
+      if (!drop.on()) {
+        for (int64_t j = 0; j < ncols; j += kVec) {
+          const Vec pj = (Vec::loadu(p + j) - vlse).exp_u20();
+          pj.store(p + j);
+          // -- dS = P * (dP - Di); padding columns hold junk dP but P = 0 there and they are never
+          // read
+          (pj * (Vec::loadu(ds + j) - vdi)).store(ds + j);
+        }
+        continue;
       }
+      for (int64_t j = 0; j < ncols; j += kVec) (Vec::loadu(p + j) - vlse).exp_u20().store(p + j);
+      // -- dropout on the visible columns: dS = P * (Z dP - Di), then P <- P Z for dV
+      float* z = s.blk.drop.data();
+      const int64_t nv = vis[i];
+      drop.drop->multipliers(drop.row_ctr[i], drop.key_base + j0, nv, z);
+      const float di = s.di[i];
+      for (int64_t j = 0; j < nv; ++j) {
+        ds[j] = p[j] * (ds[j] * z[j] - di);
+        p[j] *= z[j];
+      }
+      for (int64_t j = nv; j < ncols; ++j) ds[j] = p[j] * (ds[j] - di);  // P = 0: never read
     }
     // -- dV += P^T dO, dK += dS^T Q, dQ += dS K
-    transpose_f32(P, lds, M, ncols, s.pt.data(), s.ldt);
-    transpose_f32(dS, lds, M, ncols, s.dst.data(), s.ldt);
-    pv_accumulate(s.pt.data(), s.ldt, nb, s.dout.data(), Dp, M, Dp, dv_acc + j0 * Dp, Dp);
-    pv_accumulate(s.dst.data(), s.ldt, nb, s.q.data(), Dp, M, Dp, dk_acc + j0 * Dp, Dp);
-    pv_accumulate(dS, lds, M, K.ptr, K.ld, nb, Dp, s.dq.data(), Dp, vis);
+    if (need_kv) {
+      transpose_f32(P, lds, M, ncols, s.pt.data(), s.ldt);
+      transpose_f32(dS, lds, M, ncols, s.dst.data(), s.ldt);
+      pv_accumulate(s.pt.data(), s.ldt, nb, s.dout.data(), Dp, M, Dp, dv_acc + j0 * Dp, Dp);
+      pv_accumulate(s.dst.data(), s.ldt, nb, s.q.data(), Dp, M, Dp, dk_acc + j0 * Dp, Dp);
+    }
+    if (need_dq) pv_accumulate(dS, lds, M, K.ptr, K.ld, nb, Dp, s.dq.data(), Dp, vis);
   }
 }
 
@@ -153,14 +181,17 @@ void backward_kernel(const BwdArgs& a, const T* dout, const T* q, const T* k, co
       const int64_t h = job % a.H;
       const int64_t start = g.entry >= 0 ? a.offsets[g.entry] : 0;
       const int64_t plen = g.entry >= 0 ? a.offsets[g.entry + 1] - start : 0;
+      if (!a.need_dq && !a.need_kv && (plen == 0 || !a.need_bank)) continue;  // nothing needed here
       const Segment<T> prefix{bank_k + h * a.bks[0] + start * a.bks[1],
                               a.bks[1],
                               bank_v + h * a.bvs[0] + start * a.bvs[1],
                               a.bvs[1],
                               plen,
                               nullptr};
-      s.dbk.assign(plen * Dp, 0.f);
-      s.dbv.assign(plen * Dp, 0.f);
+      if (a.need_bank) {
+        s.dbk.assign(plen * Dp, 0.f);
+        s.dbv.assign(plen * Dp, 0.f);
+      }
       for (const int64_t b : g.rows) {
         const Segment<T> own{k + b * a.ks[0] + h * a.ks[1],
                              a.ks[2],
@@ -168,8 +199,10 @@ void backward_kernel(const BwdArgs& a, const T* dout, const T* q, const T* k, co
                              a.vs[2],
                              a.Tk,
                              a.key_padding_mask ? a.key_padding_mask + b * a.Tk : nullptr};
-        s.dk.assign(a.Tk * Dp, 0.f);
-        s.dv.assign(a.Tk * Dp, 0.f);
+        if (a.need_kv) {
+          s.dk.assign(a.Tk * Dp, 0.f);
+          s.dv.assign(a.Tk * Dp, 0.f);
+        }
         for (int64_t i0 = 0; i0 < a.Tq; i0 += kBwdRows) {
           const int64_t M = std::min(kBwdRows, a.Tq - i0);
           // -- load the block: Q scaled, dO, Di = rowsum(dO * O), lse, causal limits
@@ -185,10 +218,15 @@ void backward_kernel(const BwdArgs& a, const T* dout, const T* q, const T* k, co
             s.di[i] = di;
             s.lse[i] = lse[(b * a.H + h) * a.Tq + t];
             s.limit[i] = a.causal ? std::clamp<int64_t>(t + 1 + a.Tk - a.Tq, 0, a.Tk) : a.Tk;
+            s.row_ctr[i] = a.drop.row_counter(b * a.H + h, a.Tq, t);
           }
           std::fill(s.dq.begin(), s.dq.begin() + M * Dp, 0.f);
-          backward_segment(s, M, prefix, nullptr, s.dbk.data(), s.dbv.data());
-          backward_segment(s, M, own, s.limit.data(), s.dk.data(), s.dv.data());
+          // prefix key p is key j = p, own key t is key j = plen + t
+          backward_segment(s, M, prefix, nullptr, s.dbk.data(), s.dbv.data(),
+                           {&a.drop, s.row_ctr.data(), 0}, a.need_dq, a.need_bank);
+          backward_segment(s, M, own, s.limit.data(), s.dk.data(), s.dv.data(),
+                           {&a.drop, s.row_ctr.data(), plen}, a.need_dq, a.need_kv);
+          if (!a.need_dq) continue;
           // -- dq = scale * dS K
           const Vec vscale(a.scale);
           for (int64_t i = 0; i < M; ++i) {
@@ -197,12 +235,16 @@ void backward_kernel(const BwdArgs& a, const T* dout, const T* q, const T* k, co
             row_from_f32(row, D, dq + ((b * a.H + h) * a.Tq + i0 + i) * D);
           }
         }
-        write_rows(s.dk.data(), a.Tk, Dp, D, dk + (b * a.H + h) * a.Tk * D, D);
-        write_rows(s.dv.data(), a.Tk, Dp, D, dv + (b * a.H + h) * a.Tk * D, D);
+        if (a.need_kv) {
+          write_rows(s.dk.data(), a.Tk, Dp, D, dk + (b * a.H + h) * a.Tk * D, D);
+          write_rows(s.dv.data(), a.Tk, Dp, D, dv + (b * a.H + h) * a.Tk * D, D);
+        }
       }
       // dbank_k / dbank_v are contiguous [H, S, D]
-      write_rows(s.dbk.data(), plen, Dp, D, dbank_k + (h * a.S + start) * D, D);
-      write_rows(s.dbv.data(), plen, Dp, D, dbank_v + (h * a.S + start) * D, D);
+      if (a.need_bank) {
+        write_rows(s.dbk.data(), plen, Dp, D, dbank_k + (h * a.S + start) * D, D);
+        write_rows(s.dbv.data(), plen, Dp, D, dbank_v + (h * a.S + start) * D, D);
+      }
     }
   });
 }
@@ -213,8 +255,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& bank_k_in, const at::Tensor& bank_v_in,
     const at::Tensor& prefix_ids, const at::Tensor& bank_offsets,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    const at::Tensor& out_in, const at::Tensor& lse_in) {
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale, bool dropout,
+    int64_t seed, int64_t offset, int64_t threshold, double dropout_scale, const at::Tensor& out_in,
+    const at::Tensor& lse_in, const std::vector<bool>& needs) {
+  TORCH_CHECK(needs.size() == 5, "needs must hold 5 flags (dq, dk, dv, dbank_k, dbank_v), got ",
+              needs.size());
+  const bool need_dq = needs[0], need_kv = needs[1] || needs[2], need_bank = needs[3] || needs[4];
   const Inputs in = check_inputs(q_in, k_in, v_in, bank_k_in, bank_v_in, prefix_ids, bank_offsets,
                                  key_padding_mask);
   for (const auto& [name, t] :
@@ -229,11 +275,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
               "lse must be float32 [B, H, Tq], got ", lse_in.scalar_type(), " ", lse_in.sizes());
   const at::Tensor dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  auto dq = at::empty(in.q.sizes(), in.q.options());
-  auto dk = at::empty(in.k.sizes(), in.k.options());
-  auto dv = at::empty(in.v.sizes(), in.v.options());
-  auto dbank_k = at::zeros(in.bank_k.sizes(), in.bank_k.options());
-  auto dbank_v = at::zeros(in.bank_v.sizes(), in.bank_v.options());
+  const auto none = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  auto dq = need_dq ? at::empty(in.q.sizes(), in.q.options()) : none(in.q);
+  auto dk = need_kv ? at::empty(in.k.sizes(), in.k.options()) : none(in.k);
+  auto dv = need_kv ? at::empty(in.v.sizes(), in.v.options()) : none(in.v);
+  auto dbank_k = need_bank ? at::zeros(in.bank_k.sizes(), in.bank_k.options()) : none(in.bank_k);
+  auto dbank_v = need_bank ? at::zeros(in.bank_v.sizes(), in.bank_v.options()) : none(in.bank_v);
   if (B == 0 || H == 0 || D == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dbank_k, dbank_v};
 
   const BwdArgs args{B,
@@ -253,7 +300,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                      in.bank_k.strides(),
                      in.bank_v.strides(),
                      dout.strides(),
-                     out.strides()};
+                     out.strides(),
+                     make_dropout(dropout, seed, offset, threshold, dropout_scale,
+                                  in.bank_k.size(1), in.k.size(2)),
+                     need_dq,
+                     need_kv,
+                     need_bank};
   dispatch_dtype(in.q.scalar_type(), "prefix_attention_backward", [&](auto tag) {
     using T = decltype(tag);
     backward_kernel<T>(args, dout.data_ptr<T>(), in.q.data_ptr<T>(), in.k.data_ptr<T>(),
@@ -262,6 +314,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                        dv.data_ptr<T>(), dbank_k.data_ptr<T>(), dbank_v.data_ptr<T>());
   });
   return {dq, dk, dv, dbank_k, dbank_v};
+}
+
+at::Tensor dropout_mask(const at::Tensor& coords, int64_t H, int64_t Tq, int64_t key_stride,
+                        int64_t seed, int64_t offset, int64_t threshold, double dropout_scale) {
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 4 && coords.scalar_type() == at::kLong &&
+                  coords.device().is_cpu(),
+              "coords must be a CPU int64 tensor [N, 4] of (b, h, i, j), got ",
+              coords.scalar_type(), " ", coords.sizes());
+  Dropout d = make_dropout(true, seed, offset, threshold, dropout_scale, 0, 0);
+  d.key_stride = key_stride;
+  const at::Tensor c = coords.contiguous();
+  const int64_t n = c.size(0);
+  auto out = at::empty({n}, c.options().dtype(at::kFloat));
+  const int64_t* p = c.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  // runs of consecutive keys of one query go through the kernels' vector path, as in attention
+  for (int64_t e = 0; e < n;) {
+    const int64_t* x = p + 4 * e;
+    int64_t run = 1;
+    while (e + run < n && p[4 * (e + run)] == x[0] && p[4 * (e + run) + 1] == x[1] &&
+           p[4 * (e + run) + 2] == x[2] && p[4 * (e + run) + 3] == x[3] + run)
+      ++run;
+    d.multipliers(d.row_counter(x[0] * H + x[1], Tq, x[2]), x[3], run, o + e);
+    e += run;
+  }
+  return out;
 }
 
 }  // namespace prefixrt

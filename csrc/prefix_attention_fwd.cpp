@@ -26,6 +26,7 @@ struct FwdArgs {
   const bool* key_padding_mask;  // [B, Tk] contiguous, or null
   // strides of q, k, v [B, H, T, D] and of bank_k, bank_v [H, S, D]
   at::IntArrayRef qs, ks, vs, bks, bvs;
+  Dropout drop;
 };
 
 template <typename T>
@@ -41,6 +42,7 @@ void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const 
   at::parallel_for(0, n_jobs, grain, [&](int64_t begin, int64_t end) {
     Tile t(plan.max_rows, a.D);
     std::vector<int64_t> limit(plan.max_rows);
+    std::vector<uint64_t> row_ctr(plan.max_rows);  // dropout counters of the tile's rows
     for (int64_t job = begin; job < end; ++job) {
       const TileJob& tile = plan.tiles[job / a.H];
       const int64_t h = job % a.H;
@@ -48,9 +50,11 @@ void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const 
       t.reset(tile.rows);
       for (int64_t r = tile.run_begin; r < tile.run_end; ++r) {
         const Run& run = plan.runs[r];
-        for (int64_t i = 0; i < run.n; ++i)
+        for (int64_t i = 0; i < run.n; ++i) {
           t.load_query(run.t0 + i, q + run.b * a.qs[0] + h * a.qs[1] + (run.i0 + i) * a.qs[2],
                        a.scale);
+          row_ctr[run.t0 + i] = a.drop.row_counter(run.b * a.H + h, a.Tq, run.i0 + i);
+        }
       }
       // -- the shared prefix, read once for the whole tile
       if (tile.entry >= 0) {
@@ -58,7 +62,7 @@ void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const 
         const Segment<T> prefix{bank_k + h * a.bks[0] + start * a.bks[1], a.bks[1],
                                 bank_v + h * a.bvs[0] + start * a.bvs[1], a.bvs[1],
                                 a.offsets[tile.entry + 1] - start,        nullptr};
-        attend_segment(t, 0, tile.rows, prefix, nullptr);
+        attend_segment(t, 0, tile.rows, prefix, nullptr, {&a.drop, row_ctr.data(), 0});
       }
       // -- each run's own keys (causal: query i sees key j <= i + Tk - Tq)
       for (int64_t r = tile.run_begin; r < tile.run_end; ++r) {
@@ -71,7 +75,11 @@ void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const 
                              a.key_padding_mask ? a.key_padding_mask + run.b * a.Tk : nullptr};
         for (int64_t i = 0; i < run.n; ++i)
           limit[i] = a.causal ? std::clamp<int64_t>(run.i0 + i + 1 + a.Tk - a.Tq, 0, a.Tk) : a.Tk;
-        attend_segment(t, run.t0, run.n, own, limit.data());
+        // own key t is key j = P_b + t of the row's [prefix ; own] list
+        const int64_t id = a.ids[run.b];
+        const int64_t plen = id >= 0 ? a.offsets[id + 1] - a.offsets[id] : 0;
+        attend_segment(t, run.t0, run.n, own, limit.data(),
+                       {&a.drop, row_ctr.data() + run.t0, plen});
       }
       // -- normalize and write out [B, H, Tq, D] / lse [B, H, Tq] (both contiguous)
       for (int64_t r = tile.run_begin; r < tile.run_end; ++r) {
@@ -91,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& bank_k_in, const at::Tensor& bank_v_in, const at::Tensor& prefix_ids,
     const at::Tensor& bank_offsets, const std::optional<at::Tensor>& key_padding_mask, bool causal,
-    double scale) {
+    double scale, bool dropout, int64_t seed, int64_t offset, int64_t threshold,
+    double dropout_scale) {
   const Inputs in = check_inputs(q_in, k_in, v_in, bank_k_in, bank_v_in, prefix_ids, bank_offsets,
                                  key_padding_mask);
   const int64_t B = in.q.size(0), H = in.q.size(1), Tq = in.q.size(2), D = in.q.size(3);
@@ -113,7 +122,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
                      in.k.strides(),
                      in.v.strides(),
                      in.bank_k.strides(),
-                     in.bank_v.strides()};
+                     in.bank_v.strides(),
+                     make_dropout(dropout, seed, offset, threshold, dropout_scale,
+                                  in.bank_k.size(1), in.k.size(2))};
   dispatch_dtype(in.q.scalar_type(), "prefix_attention_forward", [&](auto tag) {
     using T = decltype(tag);
     forward_kernel<T>(args, in.q.data_ptr<T>(), in.k.data_ptr<T>(), in.v.data_ptr<T>(),

@@ -5,12 +5,17 @@ P is recomputed from the forward's log-sum-exp (natural log, converted to base 2
 program per (key block of a used entry, head, row split) loops, in sorted order, over the rows that use the
 entry and accumulates in fp32; nothing is written twice and there are no atomics.
 
+Dropout (``DROPOUT``): with ``Z`` the scaled mask of :mod:`prefixrt.kernels.dropout` (regenerated here from the
+Philox state, never stored) and ``O`` the dropped output, ``dV = (P*Z)^T dO`` and ``dS = P * (Z * dO V^T - Delta)``
+with ``Delta = rowsum(dO * O)`` (FlashAttention's backward); ``P`` itself is recomputed from the undropped lse.
+
 Only ``@triton.jit`` code lives here; the launcher is :mod:`prefixrt.ops.triton.launch`.
 """
 
 import triton
 import triton.language as tl
 
+from .dropout import dropout_multiplier, dropout_row_counters
 from .prefix_attention_fwd import causal_key_ranges, prefix_span
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -42,11 +47,12 @@ def prefix_attention_bwd_preprocess_kernel(
 def _dq_range(
     dq, q, do, lse2, delta, offs_m,
     K_BASE, V_BASE, stride_kn, stride_kd, stride_vn, stride_vd, MASK_BASE, stride_maskn,
-    start, end, causal_shift, qk_scale,
+    start, end, causal_shift, qk_scale, row_ctr, key_base, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Add ``dS K`` over keys ``[start, end)`` to ``dq`` ``[BLOCK_M, D]`` (unscaled)."""
+    """Add ``dS K`` over keys ``[start, end)`` to ``dq`` ``[BLOCK_M, D]`` (unscaled); key ``n`` is key
+    ``key_base + n`` of the row's ``[prefix ; own]`` list, ``row_ctr`` the queries' dropout counters."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = K_BASE + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # [BLOCK_N, D]
@@ -65,6 +71,9 @@ def _dq_range(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keys = (key_base + offs_n).to(tl.int64)
+            dp = dp * dropout_multiplier(seed, row_ctr[:, None] + keys[None, :], drop_threshold, drop_scale)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
@@ -87,10 +96,12 @@ def prefix_attention_bwd_dq_kernel(
     stride_db, stride_dh, stride_dm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     TQ, TK, N_ENTRIES, qk_scale, sm_scale,
+    N_HEADS, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(TQ, BLOCK_M), H, B)``: dQ of a query block over the row's prefix and own keys."""
+    """Grid ``(cdiv(TQ, BLOCK_M), H, B)``: dQ of a query block over the row's prefix and own keys (dropout
+    arguments as in the forward kernel)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     m0 = tl.program_id(0) * BLOCK_M
@@ -105,28 +116,31 @@ def prefix_attention_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)  # a query that saw nothing: P = 0 via the masks
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_m * stride_dm, mask=valid_m, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    row_ctr = dropout_row_counters(philox_offset, b * N_HEADS + h, offs_m, TQ, KEY_STRIDE)
 
-    # -- prefix part
+    # -- prefix part (prefix key p is key j = p)
     lo, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
     dq = _dq_range(
         dq, q, do, lse2, delta, offs_m,
         BANK_K + h * stride_bkh + lo * stride_bks, BANK_V + h * stride_bvh + lo * stride_bvs,
         stride_bks, stride_bkd, stride_bvs, stride_bvd, MASK, 0, 0, plen, 0, qk_scale,
-        HEAD_DIM, BLOCK_N, False, False, DOT_PRECISION,
+        row_ctr, 0, seed, drop_threshold, drop_scale,
+        HEAD_DIM, BLOCK_N, False, False, DOT_PRECISION, DROPOUT,
     )  # fmt: skip
-    # -- own part
+    # -- own part (own key t is key j = plen + t)
     split, hi = causal_key_ranges(m0, TQ, TK, BLOCK_M, BLOCK_N, CAUSAL)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = MASK + b * stride_maskb
     dq = _dq_range(
         dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        mask_base, stride_maskn, 0, split, 0, qk_scale, HEAD_DIM, BLOCK_N, False, HAS_MASK, DOT_PRECISION,
+        mask_base, stride_maskn, 0, split, 0, qk_scale, row_ctr, plen, seed, drop_threshold, drop_scale,
+        HEAD_DIM, BLOCK_N, False, HAS_MASK, DOT_PRECISION, DROPOUT,
     )  # fmt: skip
     dq = _dq_range(
         dq, q, do, lse2, delta, offs_m, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        mask_base, stride_maskn, split, hi, TK - TQ, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, HAS_MASK,
-        DOT_PRECISION,
+        mask_base, stride_maskn, split, hi, TK - TQ, qk_scale, row_ctr, plen, seed, drop_threshold, drop_scale,
+        HEAD_DIM, BLOCK_N, CAUSAL, HAS_MASK, DOT_PRECISION, DROPOUT,
     )  # fmt: skip
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
@@ -140,9 +154,14 @@ def _dkdv_range(
     Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
     start, end, causal_shift, qk_scale,
+    keys, bh, TQ, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Add ``dS^T Q`` (unscaled) and ``P^T dO`` over queries ``[start, end)`` to ``dk``, ``dv`` ``[BLOCK_N, D]``."""
+    """Add ``dS^T Q`` (unscaled) and ``P^T dO`` over queries ``[start, end)`` to ``dk``, ``dv`` ``[BLOCK_N, D]``.
+
+    Dropout: ``keys`` (int64 ``[BLOCK_N]``) are the block's key coordinates ``j`` in the row's ``[prefix ; own]``
+    list, ``bh = b * H + h`` the (row, head) whose queries these are (``TQ`` of them)."""
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = Q_BASE + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # [BLOCK_M, D]
@@ -161,8 +180,14 @@ def _dkdv_range(
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            row_ctr = dropout_row_counters(philox_offset, bh, offs_m, TQ, KEY_STRIDE)
+            z_t = dropout_multiplier(seed, keys[:, None] + row_ctr[None, :], drop_threshold, drop_scale)
+            dv += tl.dot((p_t * z_t).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = dp_t * z_t
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qm
@@ -175,7 +200,7 @@ def _dkdv_range(
 
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, MASK, DOUT, LSE, DELTA, DK, DV,
+    Q, K, V, IDS, OFFSETS, MASK, DOUT, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -185,11 +210,13 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    TQ, TK, qk_scale, sm_scale,
+    TQ, TK, N_ENTRIES, qk_scale, sm_scale,
+    N_HEADS, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(TK, BLOCK_N), H, B)``: dK, dV of a block of a row's own keys over the queries that see it."""
+    """Grid ``(cdiv(TK, BLOCK_N), H, B)``: dK, dV of a block of a row's own keys over the queries that see it.
+    IDS/OFFSETS give the row's prefix length (own key ``t`` is key ``j = P_b + t`` of the dropout counters)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     n0 = tl.program_id(0) * BLOCK_N
@@ -221,15 +248,25 @@ def prefix_attention_bwd_dkdv_kernel(
     do_base = DOUT + b * stride_dob + h * stride_doh
     lse_base = LSE + b * stride_lb + h * stride_lh
     delta_base = DELTA + b * stride_db + h * stride_dh
+    if DROPOUT:  # own key t is key j = P_b + t of the dropout counters
+        _, plen = prefix_span(IDS, OFFSETS, b, N_ENTRIES)
+        keys = plen + offs_n.to(tl.int64)
+    else:
+        keys = offs_n.to(tl.int64)  # unused
+    bh = b * N_HEADS + h
     dk, dv = _dkdv_range(
         dk, dv, k, v, valid_n, offs_n, q_base, do_base, lse_base, delta_base,
         stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
-        first, full, shift, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, DOT_PRECISION,
+        first, full, shift, qk_scale,
+        keys, bh, TQ, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
+        HEAD_DIM, BLOCK_M, CAUSAL, DOT_PRECISION, DROPOUT,
     )  # fmt: skip
     dk, dv = _dkdv_range(
         dk, dv, k, v, valid_n, offs_n, q_base, do_base, lse_base, delta_base,
         stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
-        full, TQ, 0, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION,
+        full, TQ, 0, qk_scale,
+        keys, bh, TQ, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
+        HEAD_DIM, BLOCK_M, False, DOT_PRECISION, DROPOUT,
     )  # fmt: skip
     dk_ptrs = (
         DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -253,7 +290,9 @@ def prefix_attention_bwd_bank_kernel(
     stride_db, stride_dh, stride_dm,
     stride_split, stride_dbkh, stride_dbks, stride_dbkd, stride_dbvh, stride_dbvs, stride_dbvd,
     TQ, N_ENTRIES, SPLITS, qk_scale, sm_scale,
+    N_HEADS, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(tile slots, H, SPLITS)``: the gradient of ``BLOCK_N`` bank rows of one used entry for one head,
     summed (fp32, in sorted row order) over split ``pid(2)`` of the rows that use the entry.
@@ -269,7 +308,8 @@ def prefix_attention_bwd_bank_kernel(
     safe = tl.maximum(entry, 0)
     lo = tl.load(OFFSETS + tl.minimum(safe, N_ENTRIES)).to(tl.int64)
     hi = tl.load(OFFSETS + tl.minimum(safe + 1, N_ENTRIES)).to(tl.int64)
-    n0 = lo + tl.load(TILE_BLOCK + t).to(tl.int64) * BLOCK_N
+    p0 = tl.load(TILE_BLOCK + t).to(tl.int64) * BLOCK_N  # first prefix key of the tile (key j = p)
+    n0 = lo + p0
     n_rows = tl.minimum(hi - n0, BLOCK_N) * has  # 0 for an idle slot
     # rows of this split: a contiguous chunk of the entry's sorted rows (none for an idle slot)
     seg_lo = tl.load(SEG_OFFSETS + tl.minimum(safe, N_ENTRIES)).to(tl.int64)
@@ -288,6 +328,7 @@ def prefix_attention_bwd_bank_kernel(
                 mask=valid_n[:, None], other=0.0)  # fmt: skip
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    keys = p0 + offs_r.to(tl.int64)
     for r in range(r_lo, r_hi):
         b = tl.load(ORDER + r).to(tl.int64)
         dk, dv = _dkdv_range(
@@ -295,7 +336,9 @@ def prefix_attention_bwd_bank_kernel(
             Q + b * stride_qb + h * stride_qh, DOUT + b * stride_dob + h * stride_doh,
             LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_db + h * stride_dh,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dm,
-            0, TQ, 0, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION,
+            0, TQ, 0, qk_scale,
+            keys, b * N_HEADS + h, TQ, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale,
+            HEAD_DIM, BLOCK_M, False, DOT_PRECISION, DROPOUT,
         )  # fmt: skip
     split64 = split.to(tl.int64) * stride_split
     dbk = DBANK_K + split64 + h * stride_dbkh + offs_n[:, None] * stride_dbks + offs_d[None, :] * stride_dbkd

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixrt.ops.dropout import check_dropout_p, key_stride, philox_ints
 from prefixrt.ops.plan import BankLayer, StepPlan
 
 __all__ = ["AttentionArgs", "OP_FIELDS", "check_attention_args"]
@@ -28,6 +29,8 @@ OP_FIELDS = (
     ("key_padding_mask", "Tensor?"),
     ("causal", "bool"),
     ("scale", "float"),
+    ("dropout_p", "float"),
+    ("philox", "Tensor?"),
 )
 
 
@@ -43,6 +46,11 @@ class AttentionArgs:
     key_padding_mask : BoolTensor ``[B, Tk]`` or None (True = attend; the prefix is never masked)
     causal : bool (bottom-right aligned on the own keys)
     scale : float
+    dropout_p : float in ``[0, 1)``
+        Attention dropout (:mod:`prefixrt.ops.dropout` defines the mask); 0 = none.
+    philox : LongTensor ``[2]`` on the CPU, or None
+        The Philox state ``(seed, offset)`` (int64 bit patterns) the mask is drawn from; required when
+        ``dropout_p > 0`` (:func:`prefixrt.ops.dropout.draw_philox_state`), ignored otherwise.
     """
 
     q: torch.Tensor
@@ -53,23 +61,42 @@ class AttentionArgs:
     key_padding_mask: torch.Tensor | None
     causal: bool
     scale: float
+    dropout_p: float = 0.0
+    philox: torch.Tensor | None = None
 
     @property
     def prefix_ids(self) -> torch.Tensor:
         return self.plan.prefix_ids
 
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+    @property
+    def key_stride(self) -> int:
+        """``L = S + Tk``: the dropout counters one query row spans (:mod:`prefixrt.ops.dropout`)."""
+        return key_stride(self.bank.k.shape[1], self.k.shape[2])
+
+    def seed_offset(self) -> tuple[int, int]:
+        """``(seed, offset)`` of the dropout mask as unsigned ints (``(0, 0)`` without dropout)."""
+        return philox_ints(self.philox) if self.dropout else (0, 0)
+
     def op_inputs(self) -> tuple:
         """The flat argument list, in :data:`OP_FIELDS` order."""
         prefix_ids, table, dims = self.plan.op_inputs()
         return (self.q, self.k, self.v, self.bank.k, self.bank.v, self.bank.offsets, prefix_ids, table, dims,
-                self.key_padding_mask, bool(self.causal), float(self.scale))  # fmt: skip
+                self.key_padding_mask, bool(self.causal), float(self.scale), float(self.dropout_p),
+                self.philox)  # fmt: skip
 
     @staticmethod
     def from_op_inputs(*inputs) -> AttentionArgs:
         """Inverse of :meth:`op_inputs`."""
-        q, k, v, bank_k, bank_v, offsets, prefix_ids, table, dims, mask, causal, scale = inputs
+        q, k, v, bank_k, bank_v, offsets, prefix_ids, table, dims, mask, causal, scale, dropout_p, philox = (
+            inputs
+        )
         return AttentionArgs(q, k, v, BankLayer(bank_k, bank_v, offsets),
-                             StepPlan.from_op_inputs(prefix_ids, table, dims), mask, causal, scale)  # fmt: skip
+                             StepPlan.from_op_inputs(prefix_ids, table, dims), mask, causal, scale, dropout_p,
+                             philox)  # fmt: skip
 
     def with_tensors(self, q=None, k=None, v=None, bank: BankLayer | None = None) -> AttentionArgs:
         """The same call on other tensors (e.g. upcast copies)."""
@@ -82,6 +109,8 @@ class AttentionArgs:
             self.key_padding_mask,
             self.causal,
             self.scale,
+            self.dropout_p,
+            self.philox,
         )
 
 
@@ -155,6 +184,17 @@ def check_attention_args(args: AttentionArgs) -> None:
     ):
         if t is not None:
             _expect(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
+    check_dropout_p(args.dropout_p)
+    if args.dropout_p > 0.0:
+        philox = args.philox
+        _expect(
+            isinstance(philox, torch.Tensor)
+            and philox.shape == (2,)
+            and philox.dtype == torch.int64
+            and philox.device.type == "cpu",
+            f"philox must be a CPU LongTensor [2] (seed, offset) when dropout_p > 0, got {_shape(philox)}"
+            + (f" {philox.dtype} on {philox.device}" if isinstance(philox, torch.Tensor) else ""),
+        )
 
 
 def _shape(t) -> str:

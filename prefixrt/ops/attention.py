@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from prefixrt.ops.args import AttentionArgs, check_attention_args
+from prefixrt.ops.dropout import check_dropout_p, draw_philox_state, key_stride, philox_increment
 from prefixrt.ops.library import run_op
 from prefixrt.ops.plan import BankLayer, StepPlan
-from prefixrt.ops.reference import prefix_attention_reference
 from prefixrt.ops.registry import AttentionCall, select_backend
 
 __all__ = ["prefix_attention"]
@@ -42,8 +44,11 @@ def prefix_attention(
         Bottom-right aligned causal mask on the own keys (query ``i`` sees key ``j <= i + Tk - Tq``).
     scale : float, optional
         Defaults to ``D ** -0.5``.
-    dropout_p : float
-        Attention dropout; only the reference implements it, so ``"auto"`` uses the reference when > 0.
+    dropout_p : float in ``[0, 1)``
+        Attention dropout on the normalized probabilities (0 in eval; HF passes its ``attn_pdrop`` in training).
+        Every backend draws the same mask (:mod:`prefixrt.ops.dropout`) from a Philox state taken from torch's
+        default generator for ``q``'s device (advancing it), so ``torch.manual_seed`` reproduces a run and
+        each call draws a fresh mask; the backward regenerates it. Not inside CUDA-graph capture.
     backend : str
         ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpp"`` (``PREFIXRT_BACKEND`` overrides ``"auto"``).
 
@@ -66,13 +71,13 @@ def prefix_attention(
     (torch.Size([2, 1, 3, 8]), torch.Size([2, 1, 3]))
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_p = check_dropout_p(dropout_p)
     args = AttentionArgs(q, k, v, bank, plan, key_padding_mask, bool(causal), scale)
     check_attention_args(args)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bank.k, bank.v))
     chosen = select_backend(backend, AttentionCall.of(q, k, causal, dropout_p, requires_grad))
     if dropout_p > 0.0:
-        # Only the reference does dropout (select_backend refused every other backend for this call).
-        return prefix_attention_reference(
-            q, k, v, bank.k, bank.v, plan.prefix_ids, bank.offsets, key_padding_mask, causal, scale, dropout_p
-        )
+        # the generator is advanced only once the call is known to run
+        increment = philox_increment(*q.shape[:3], key_stride(bank.k.shape[1], k.shape[2]))
+        args = replace(args, dropout_p=dropout_p, philox=draw_philox_state(q.device, increment))
     return run_op(args, chosen.name)

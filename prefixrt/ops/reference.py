@@ -1,9 +1,8 @@
 """The plain-torch oracle for prefix attention.
 
 Every fast path (Triton, C++) is tested against :func:`prefix_attention_reference`; it is also the CPU
-fallback and the only path that supports attention dropout. It is written for clarity, not speed: it gathers
-each row's prefix out of the bank, concatenates it with the row's own keys and runs ordinary softmax attention
-in fp32.
+fallback. It is written for clarity, not speed: it gathers each row's prefix out of the bank, concatenates it
+with the row's own keys and runs ordinary softmax attention in fp32.
 
 Conventions shared by every backend
 -----------------------------------
@@ -16,11 +15,22 @@ Conventions shared by every backend
   ``j`` iff ``j <= i + (Tk - Tq)`` (this covers prefill, ``Tq == Tk``, and decode with a cache, ``Tq < Tk``).
 * A query that sees no key at all gets output 0 and ``lse = -inf`` (never NaN), and zero gradient.
 * ``lse`` is the natural-log log-sum-exp of the scaled scores, in fp32.
+* Attention dropout multiplies the normalized probabilities by the mask that :mod:`prefixrt.ops.dropout`
+  defines from a Philox state ``(seed, offset)``: every backend draws the very same mask, so the oracle
+  comparison is exact; ``lse`` stays that of the undropped scores.
 """
 
 from __future__ import annotations
 
 import torch
+
+from prefixrt.ops.dropout import (
+    check_dropout_p,
+    draw_philox_state,
+    dropout_multiplier,
+    key_stride,
+    philox_increment,
+)
 
 __all__ = ["prefix_attention_reference", "prefix_attention_reference_backward", "gather_prefix"]
 
@@ -85,6 +95,7 @@ def prefix_attention_reference(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    philox: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every row over its bank prefix and its own keys, in fp32 (fp64 for fp64 inputs), differentiable
     by autograd.
@@ -103,8 +114,11 @@ def prefix_attention_reference(
         Bottom-right aligned causal mask on the own part.
     scale : float, optional
         Score scale; ``D ** -0.5`` when None.
-    dropout_p : float
-        Dropout on the attention probabilities (training only; no kernel implements it).
+    dropout_p : float in ``[0, 1)``
+        Dropout on the attention probabilities, with the mask of :mod:`prefixrt.ops.dropout`.
+    philox : LongTensor ``[2]`` (CPU) or None
+        The Philox state ``(seed, offset)`` of the mask; None draws one from torch's default generator for the
+        tensors' device (:func:`prefixrt.ops.dropout.draw_philox_state`). Ignored when ``dropout_p == 0``.
 
     Returns
     -------
@@ -112,7 +126,11 @@ def prefix_attention_reference(
     lse : Tensor ``[B, H, Tq]`` fp32 (fp64 for fp64 inputs), natural log; ``-inf`` for a query that sees no key.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    keys, values, visible, _ = _concat_prefix(
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p > 0.0 and philox is None:
+        stride = key_stride(bank_k.shape[1], k.shape[2])
+        philox = draw_philox_state(q.device, philox_increment(*q.shape[:3], stride))
+    keys, values, visible, gather = _concat_prefix(
         k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, q.shape[2]
     )
     scores = torch.matmul(q.to(keys.dtype), keys.transpose(-1, -2)) * scale
@@ -120,9 +138,23 @@ def prefix_attention_reference(
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Tq]
     probs = _probs(scores, lse)
     if dropout_p > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+        probs = probs * _dropout(q, k, bank_k, gather, dropout_p, philox).to(probs.dtype)
     out = torch.matmul(probs, values)
     return out.to(q.dtype), lse
+
+
+def _dropout(q, k, bank_k, gather, dropout_p, philox) -> torch.Tensor:
+    """The scaled mask ``[B, H, Tq, Pmax + Tk]`` (fp32) in the concatenated layout: slot ``c < Pmax`` is prefix
+    key ``j = c`` (filler slots past ``P_b`` are masked anyway), slot ``Pmax + t`` is own key ``j = P_b + t``."""
+    batch, heads, tq, _ = q.shape
+    _, valid = gather  # [B, Pmax]
+    p_max, tk = valid.shape[1], k.shape[2]
+    plen = valid.sum(1)  # [B]
+    prefix_j = torch.arange(p_max, device=q.device).expand(batch, p_max)
+    own_j = plen[:, None] + torch.arange(tk, device=q.device)[None, :]
+    key_index = torch.cat([prefix_j, own_j], dim=1)  # [B, Pmax + Tk]
+    stride = key_stride(bank_k.shape[1], tk)
+    return dropout_multiplier(philox, dropout_p, batch, heads, tq, stride, key_index)
 
 
 def _concat_prefix(k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, tq):
@@ -169,14 +201,18 @@ def prefix_attention_reference_backward(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    philox: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Explicit gradients of :func:`prefix_attention_reference` (no dropout), in fp32.
+    """Explicit gradients of :func:`prefix_attention_reference`, in fp32.
 
     The textbook softmax backward: ``dP = dO V^T``, ``dS = P * (dP - rowsum(dO * O))``, ``dQ = dS K``,
     ``dK = dS^T Q``, ``dV = P^T dO``; the prefix slices of dK/dV are summed into the bank rows they came from
-    (``index_add_``), so rows that share an id add up and unused entries stay zero.
+    (``index_add_``), so rows that share an id add up and unused entries stay zero. With dropout (scaled mask
+    ``Z``, output ``O = (P * Z) V``): ``dV = (P * Z)^T dO`` and ``dS = P * (Z * dO V^T - rowsum(dO * O))``.
 
-    Parameters are those of :func:`prefix_attention_reference`, plus ``dout [B, H, Tq, D]``.
+    Parameters are those of :func:`prefix_attention_reference`, plus ``dout [B, H, Tq, D]``; with
+    ``dropout_p > 0`` the forward's ``philox`` state is required (the backward must see the forward's mask).
 
     Returns
     -------
@@ -185,6 +221,9 @@ def prefix_attention_reference_backward(
     """
     tq = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p > 0.0 and philox is None:
+        raise ValueError("philox: the backward of a dropout call needs the forward's Philox state")
     keys, values, visible, (index, valid) = _concat_prefix(
         k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, tq
     )
@@ -192,10 +231,16 @@ def prefix_attention_reference_backward(
     scores = torch.matmul(qf, keys.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = _probs(scores, torch.logsumexp(scores, dim=-1))  # [B, H, Tq, P+Tk]
-    out = torch.matmul(probs, values)
-
-    d_values = torch.matmul(probs.transpose(-1, -2), dof)  # [B, H, P+Tk, D]
     d_probs = torch.matmul(dof, values.transpose(-1, -2))
+    if dropout_p > 0.0:
+        keep = _dropout(q, k, bank_k, (index, valid), dropout_p, philox).to(probs.dtype)
+        dropped = probs * keep
+        d_probs = d_probs * keep
+    else:
+        dropped = probs
+    out = torch.matmul(dropped, values)
+
+    d_values = torch.matmul(dropped.transpose(-1, -2), dof)  # [B, H, P+Tk, D]
     d_scores = probs * (d_probs - (dof * out).sum(-1, keepdim=True))
     dq = torch.matmul(d_scores, keys) * scale
     d_keys = torch.matmul(d_scores.transpose(-1, -2), qf) * scale

@@ -74,8 +74,10 @@ class Backend:
     """One implementation of prefix attention.
 
     ``forward(args: AttentionArgs)`` returns ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``.
-    ``backward(args, dout, out, lse)`` returns ``(dq, dk, dv, dbank_k, dbank_v)``, the bank gradients summed over
-    rows that share an id, zero for entries no row uses. Inputs were checked once by the op layer
+    ``backward(args, dout, out, lse, needs)`` returns ``(dq, dk, dv, dbank_k, dbank_v)``, the bank gradients summed
+    over rows that share an id, zero for entries no row uses; ``needs`` (five bools, in that order) says which
+    of them autograd wants: a backend may skip the others and return anything (e.g. None) in their place.
+    Dropout (``args.dropout_p > 0``) uses the mask of :mod:`prefixrt.ops.dropout` drawn from ``args.philox``. Inputs were checked once by the op layer
     (:func:`prefixrt.ops.args.check_attention_args` and :meth:`prefixrt.ops.StepPlan.build`): a backend sees
     only valid calls.
     ``refuse(call)`` returns None when the backend accepts the call, else a short reason.

@@ -40,10 +40,17 @@ def test_auto_picks_cpp_for_cpu_tensors(dtype, requires_grad, monkeypatch):
 def test_refusals_say_why(monkeypatch):
     monkeypatch.delenv("PREFIXRT_BACKEND", raising=False)
     assert select_backend("auto", call(dtype=torch.float64)).name == "reference"
-    assert select_backend("auto", call(dropout_p=0.1)).name == "reference"
     assert "float64" in explain_backends(call(dtype=torch.float64))["cpp"]
-    assert "dropout" in explain_backends(call(dropout_p=0.1))["cpp"]
     assert "CPU" in explain_backends(call(device="cuda"))["cpp"]
+
+
+@pytest.mark.usefixtures("cpp_kernels")
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_auto_picks_cpp_for_dropout_too(requires_grad, monkeypatch):
+    """Training (HF passes attn_pdrop) runs in the kernels, not in the reference."""
+    monkeypatch.delenv("PREFIXRT_BACKEND", raising=False)
+    assert select_backend("auto", call(dropout_p=0.1, requires_grad=requires_grad)).name == "cpp"
+    assert explain_backends(call(dropout_p=0.1))["cpp"] == "ok"
 
 
 def test_sources_found_and_simd_target():

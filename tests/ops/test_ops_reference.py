@@ -189,7 +189,7 @@ def test_backend_selection_explains_refusals(monkeypatch):
         ops.select_backend("auto", call)
 
 
-def test_dropout_runs_on_the_reference_and_is_identity_in_expectation():
+def test_dropout_through_auto_is_identity_in_expectation():
     q, k, v, bank_k, bank_v, ids, offsets = make_case(dtype=torch.float32)
     torch.manual_seed(0)
     out_drop, _ = op(q, k, v, bank_k, bank_v, ids, offsets, causal=True, dropout_p=0.5)

@@ -20,6 +20,13 @@ class Tolerance:
     grad: float
 
 
+def philox_state(seed: int, offset: int = 0) -> torch.Tensor:
+    """A fixed Philox state ``(seed, offset)`` (unsigned ints stored as int64 bit patterns), for tests that
+    compare backends on the very same dropout mask."""
+    to_signed = [x - (1 << 64) if x >= 1 << 63 else x for x in (seed, offset)]
+    return torch.tensor(to_signed, dtype=torch.long)
+
+
 def assert_close(
     actual: torch.Tensor,
     expected: torch.Tensor,
@@ -74,9 +81,9 @@ class Case:
         bank = BankLayer(bank_k, bank_v, self.bank_offsets)
         return (q, k, v, bank, self.plan(), self.key_padding_mask, self.causal, self.scale)
 
-    def attention_args(self) -> AttentionArgs:
-        """What a backend or launcher receives."""
-        return AttentionArgs(*self.inputs())
+    def attention_args(self, dropout_p: float = 0.0, philox: torch.Tensor | None = None) -> AttentionArgs:
+        """What a backend or launcher receives (with dropout: ``dropout_p`` and a Philox state ``[2]``)."""
+        return AttentionArgs(*self.inputs(), dropout_p, philox)
 
     def args_as(self, dtype: torch.dtype) -> tuple:
         """The arguments with every floating tensor converted to ``dtype`` (widening is exact)."""

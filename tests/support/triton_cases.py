@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
-from support.attention_cases import Case, Tolerance, assert_close  # noqa: F401  (re-exported to the tests)
+from support.attention_cases import Case, Tolerance, assert_close, philox_state  # noqa: F401  (re-exported)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -95,14 +95,16 @@ def make_case(
                 offsets.to(DEVICE), padding_mask(batch, k_len, padding), causal, head_dim**-0.5)  # fmt: skip
 
 
-def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of the oracle in fp32."""
-    return prefix_attention_reference(*case.float_args())
+def reference(case: Case, dropout_p: float = 0.0, philox: torch.Tensor | None = None):
+    """``(out, lse)`` of the oracle in fp32 (with dropout: the mask of ``philox``)."""
+    return prefix_attention_reference(*case.float_args(), dropout_p, philox)
 
 
-def reference_grads(case: Case, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv, dbank_k, dbank_v)`` of the oracle in fp32."""
-    return prefix_attention_reference_backward(dout.float(), *case.float_args())
+def reference_grads(
+    case: Case, dout: torch.Tensor, dropout_p: float = 0.0, philox: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv, dbank_k, dbank_v)`` of the oracle in fp32 (with dropout: the mask of ``philox``)."""
+    return prefix_attention_reference_backward(dout.float(), *case.float_args(), dropout_p, philox)
 
 
 GRAD_NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")

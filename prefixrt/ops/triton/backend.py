@@ -8,6 +8,9 @@ for tests, and only when asked for by name.
 Routing: a call with one query per row (``Tq == 1``: a decode step, self- or cross-attention) goes to the
 decode kernels (grouped prefix + split-KV + merge, see :mod:`prefixrt.ops.triton.decode`); everything else
 to the prefill/training kernel. Both return the same ``(out, lse)``, so the backward is the same.
+Attention dropout (training) runs in the prefill/training kernels, forward and backward; a ``Tq == 1`` call
+with dropout (a training batch of one-token rows: decode itself is inference and has none) goes to the
+prefill kernel too, since the decode kernels have no dropout.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ def refuse(call: AttentionCall) -> str | None:
         )
     if call.device_type not in ("cuda", "cpu"):
         return f"Triton runs on CUDA tensors, got {call.device_type}"
-    if call.dropout_p > 0.0:
-        return "attention dropout is not implemented in the Triton kernels"
     if call.dtype not in SUPPORTED_DTYPES:
         return f"dtype {call.dtype} is not one of {SUPPORTED_DTYPES}"
     if call.dtype == torch.bfloat16 and INTERPRETED:
@@ -48,15 +49,16 @@ def refuse(call: AttentionCall) -> str | None:
 
 
 def triton_forward(args: AttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend forward: ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``; ``Tq == 1`` takes the decode kernels."""
-    if args.q.shape[2] == 1:
+    """Backend forward: ``(out [B, H, Tq, D], lse [B, H, Tq] fp32)``; ``Tq == 1`` without dropout takes the
+    decode kernels."""
+    if args.q.shape[2] == 1 and not args.dropout:
         return prefix_decode(args)
     return prefix_attention_fwd(args)
 
 
-def triton_backward(args: AttentionArgs, dout, out, lse):
-    """Backend backward: ``(dq, dk, dv, dbank_k, dbank_v)``, deterministic."""
-    return prefix_attention_bwd(args, dout, out, lse)
+def triton_backward(args: AttentionArgs, dout, out, lse, needs=(True,) * 5):
+    """Backend backward: ``(dq, dk, dv, dbank_k, dbank_v)``, deterministic; launches only what ``needs`` asks."""
+    return prefix_attention_bwd(args, dout, out, lse, needs=needs)
 
 
 register_backend(

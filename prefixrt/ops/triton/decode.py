@@ -65,6 +65,10 @@ def prefix_decode(
     batch, heads, tq, head_dim = q.shape
     if tq != 1:
         raise ValueError(f"q: decode takes one query per row, got shape {tuple(q.shape)}")
+    if args.dropout:
+        raise ValueError(
+            "dropout_p: the decode kernels have no dropout (the prefill kernel takes Tq == 1 too)"
+        )
     tk = k.shape[2]
     n_entries = bank_offsets.shape[0] - 1
     out = torch.empty(batch, heads, 1, head_dim, dtype=q.dtype, device=q.device)

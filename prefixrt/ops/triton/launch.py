@@ -3,7 +3,9 @@
 The kernels themselves live in :mod:`prefixrt.kernels`; the decode path is in
 :mod:`prefixrt.ops.triton.decode`; the sort-by-id tables come with the call's :class:`~prefixrt.ops.StepPlan`.
 Conventions are those of :mod:`prefixrt.ops.reference` (``lse`` natural-log fp32, ``-inf`` where a query
-sees no key). No launcher synchronises with the device.
+sees no key). No launcher synchronises with the device. Attention dropout (``args.dropout_p > 0``) is a
+compile-time switch of the kernels (``DROPOUT``); its mask is :mod:`prefixrt.ops.dropout`'s, drawn in the
+kernels from ``args.philox`` (a CPU tensor: reading it costs no device sync).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from prefixrt.kernels.dropout import dropout_mask_kernel
 from prefixrt.kernels.prefix_attention_bwd import (
     prefix_attention_bwd_bank_kernel,
     prefix_attention_bwd_dkdv_kernel,
@@ -19,6 +22,7 @@ from prefixrt.kernels.prefix_attention_bwd import (
 )
 from prefixrt.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
 from prefixrt.ops.args import AttentionArgs
+from prefixrt.ops.dropout import dropout_keep_threshold, dropout_scale
 from prefixrt.ops.triton.configs import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
@@ -27,7 +31,7 @@ from prefixrt.ops.triton.configs import (
     pick_fwd_config,
 )
 
-__all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "LOG2E"]
+__all__ = ["prefix_attention_fwd", "prefix_attention_bwd", "dropout_mask", "LOG2E"]
 
 LOG2E = 1.4426950408889634
 MAX_BANK_WORKSPACE = 256 * 2**20
@@ -57,6 +61,43 @@ def mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[to
 
 def _launch_opts(config: KernelConfig) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def dropout_args(args: AttentionArgs) -> tuple:
+    """The kernels' dropout arguments ``(N_HEADS, KEY_STRIDE, seed, philox_offset, drop_threshold, drop_scale)``
+    (seed and offset as the int64 bit patterns ``args.philox`` holds); placeholders without dropout."""
+    heads = args.q.shape[1]
+    if not args.dropout:
+        return heads, 0, 0, 0, 0, 1.0
+    seed, offset = args.philox.tolist()
+    p = args.dropout_p
+    return heads, args.key_stride, seed, offset, dropout_keep_threshold(p), dropout_scale(p)
+
+
+def dropout_mask(
+    philox: torch.Tensor,
+    dropout_p: float,
+    heads: int,
+    q_len: int,
+    key_stride: int,
+    coords: torch.Tensor,
+    block: int = 128,
+) -> torch.Tensor:
+    """The dropout multiplier (0 or ``1 / (1 - p)``, fp32 ``[N]``) of elements ``coords`` (LongTensor ``[N, 4]``
+    of ``(b, h, i, j)``) as the attention kernels draw it: a check of the kernels' helpers against
+    :func:`prefixrt.ops.dropout.dropout_multiplier` and the C++ kernels."""
+    coords = coords.long()
+    n = coords.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=coords.device)
+    if n == 0:
+        return out
+    seed, offset = philox.tolist()
+    cols = [coords[:, c].contiguous() for c in range(4)]
+    dropout_mask_kernel[(triton.cdiv(n, block),)](
+        *cols, out, n, heads, q_len, key_stride, seed, offset, dropout_keep_threshold(dropout_p),
+        dropout_scale(dropout_p), BLOCK=block,
+    )  # fmt: skip
+    return out
 
 
 def prefix_attention_fwd(
@@ -93,9 +134,9 @@ def prefix_attention_fwd(
         q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
         *out.stride(), *lse.stride(),
-        tq, tk, bank_offsets.shape[0] - 1, scale * LOG2E,
+        tq, tk, bank_offsets.shape[0] - 1, scale * LOG2E, *dropout_args(args),
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
-        HAS_MASK=has_mask, DOT_PRECISION=dot_precision(q.dtype), **_launch_opts(config),
+        HAS_MASK=has_mask, DOT_PRECISION=dot_precision(q.dtype), DROPOUT=args.dropout, **_launch_opts(config),
     )  # fmt: skip
     return out, lse
 
@@ -107,14 +148,17 @@ def prefix_attention_bwd(
     lse: torch.Tensor,
     config: KernelConfig | None = None,
     bank_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    needs: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
+) -> tuple[torch.Tensor | None, ...]:
     """Backward of prefix attention: ``(dq, dk, dv, dbank_k, dbank_v)``, deterministic.
 
-    Four launches: ``Delta = rowsum(dO * O)``; dQ over each row's prefix and own keys; dK/dV of the own keys;
-    the bank gradient, one program per (key block of a used entry, head, row split) looping over the rows that
-    use the entry in sorted order (the plan's tables; no atomics; entries no row uses stay zero). With
+    Up to four launches: ``Delta = rowsum(dO * O)``; dQ over each row's prefix and own keys; dK/dV of the own
+    keys; the bank gradient, one program per (key block of a used entry, head, row split) looping over the rows
+    that use the entry in sorted order (the plan's tables; no atomics; entries no row uses stay zero). With
     ``bank_splits > 1`` the rows of an entry are cut into that many chunks whose fp32 partial sums are added in
-    a fixed order.
+    a fixed order. A launch whose gradients ``needs`` leaves out is skipped (its gradients come back as None):
+    the dQ launch without ``needs[0]``, dK/dV without ``needs[1]`` or ``needs[2]``, the bank launch without
+    ``needs[3]`` or ``needs[4]``. With dropout every launch regenerates the forward's mask.
 
     Parameters
     ----------
@@ -127,11 +171,13 @@ def prefix_attention_bwd(
         Forces a block configuration of ``BWD_CONFIGS``.
     bank_splits : int, optional
         Row chunks per bank tile (default: enough programs to fill the device, at most 8).
+    needs : five bools
+        Which of ``(dq, dk, dv, dbank_k, dbank_v)`` to compute.
 
     Returns
     -------
     dq ``[B, H, Tq, D]``, dk ``[B, H, Tk, D]``, dv ``[B, H, Tk, D]`` in their inputs' dtypes;
-    dbank_k, dbank_v ``[H, S, D]`` in the bank's dtype (accumulated in fp32).
+    dbank_k, dbank_v ``[H, S, D]`` in the bank's dtype (accumulated in fp32); None for a skipped launch's.
     """
     q, k, v, bank_k, bank_v = args.q, args.k, args.v, args.bank.k, args.bank.v
     prefix_ids, bank_offsets, causal, scale = args.prefix_ids, args.bank.offsets, args.causal, args.scale
@@ -144,14 +190,19 @@ def prefix_attention_bwd(
     n_entries = bank_offsets.shape[0] - 1
     precision = dot_precision(q.dtype)
     qk_scale = scale * LOG2E
+    drop = dropout_args(args)
+    need_dq, need_own, need_bank = needs[0], needs[1] or needs[2], needs[3] or needs[4]
 
-    dq = torch.empty(batch, heads, tq, head_dim, dtype=q.dtype, device=q.device)
-    dk = torch.empty(batch, heads, tk, head_dim, dtype=k.dtype, device=q.device)
-    dv = torch.empty(batch, heads, tk, head_dim, dtype=v.dtype, device=q.device)
-    dbank_k = torch.zeros(bank_k.shape, dtype=bank_k.dtype, device=q.device)
-    dbank_v = torch.zeros(bank_v.shape, dtype=bank_v.dtype, device=q.device)
-    if batch * heads == 0 or tq == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dbank_k, dbank_v
+    dq = torch.empty(batch, heads, tq, head_dim, dtype=q.dtype, device=q.device) if need_dq else None
+    dk = torch.empty(batch, heads, tk, head_dim, dtype=k.dtype, device=q.device) if need_own else None
+    dv = torch.empty(batch, heads, tk, head_dim, dtype=v.dtype, device=q.device) if need_own else None
+    dbank_k = torch.zeros(bank_k.shape, dtype=bank_k.dtype, device=q.device) if need_bank else None
+    dbank_v = torch.zeros(bank_v.shape, dtype=bank_v.dtype, device=q.device) if need_bank else None
+    if batch * heads == 0 or tq == 0 or not (need_dq or need_own or need_bank):
+        for t in (dq, dk, dv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, dbank_k, dbank_v
 
     # -- Delta = rowsum(dO * O) [B, H, Tq] fp32
     delta = torch.empty(batch, heads, tq, dtype=torch.float32, device=q.device)
@@ -160,30 +211,32 @@ def prefix_attention_bwd(
         out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), tq,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m,
     )  # fmt: skip
-    common = dict(HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision)
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision,
+                  DROPOUT=args.dropout)  # fmt: skip
 
     # -- dQ: one program per (query block, row, head), over the row's prefix and own keys
-    prefix_attention_bwd_dq_kernel[q_grid](
-        q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
-        *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
-        tq, tk, n_entries, qk_scale, scale,
-        CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
-    )  # fmt: skip
+    if need_dq:
+        prefix_attention_bwd_dq_kernel[q_grid](
+            q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, mask, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *bank_k.stride(), *bank_v.stride(), smb, smn,
+            *dout.stride(), *lse.stride(), *delta.stride(), *dq.stride(),
+            tq, tk, n_entries, qk_scale, scale, *drop,
+            CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
+        )  # fmt: skip
 
     # -- dK/dV of the own keys: one program per (key block, row, head)
-    if tk > 0:
+    if need_own and tk > 0:
         prefix_attention_bwd_dkdv_kernel[(triton.cdiv(tk, config.block_n), heads, batch)](
-            q, k, v, mask, dout, lse, delta, dk, dv,
+            q, k, v, prefix_ids, bank_offsets, mask, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), smb, smn,
             *dout.stride(), *lse.stride(), *delta.stride(), *dk.stride(), *dv.stride(),
-            tq, tk, qk_scale, scale,
+            tq, tk, n_entries, qk_scale, scale, *drop,
             CAUSAL=bool(causal), HAS_MASK=has_mask, **common, **opts,
         )  # fmt: skip
 
     # -- bank gradient: sort-by-id segmented reduction, one program per (tile of a used entry, head, split)
     plan = args.plan
-    if n_entries == 0 or bank_k.shape[1] == 0 or plan.n_used == 0:
+    if not need_bank or n_entries == 0 or bank_k.shape[1] == 0 or plan.n_used == 0:
         return dq, dk, dv, dbank_k, dbank_v
     tile_entry, tile_block = plan.bank_tiles(bank_offsets.diff(), config.block_n)
     tiles = tile_entry.shape[0]
@@ -200,7 +253,7 @@ def prefix_attention_bwd(
         bank_offsets, plan.order, plan.seg_offsets, tile_entry, tile_block,
         *q.stride(), *bank_k.stride(), *bank_v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
         ws_stride, *acc_k.stride()[-3:], *acc_v.stride()[-3:],
-        tq, n_entries, splits, qk_scale, scale, **common, **opts,
+        tq, n_entries, splits, qk_scale, scale, *drop, **common, **opts,
     )  # fmt: skip
     if splits > 1:
         dbank_k = acc_k.sum(0).to(bank_k.dtype)
