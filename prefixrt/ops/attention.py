@@ -69,10 +69,27 @@ def prefix_attention(
     args = AttentionArgs(q, k, v, bank, plan, key_padding_mask, bool(causal), scale)
     check_attention_args(args)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bank.k, bank.v))
-    chosen = select_backend(backend, AttentionCall.of(q, k, causal, dropout_p, requires_grad))
+    if torch.compiler.is_compiling():  # resolved while tracing, outside the graph: the graph holds the name
+        name = _graph_backend(
+            backend, q.device.type, q.dtype, q.shape[-1], bool(causal), dropout_p, requires_grad
+        )
+    else:
+        name = select_backend(backend, AttentionCall.of(q, k, causal, dropout_p, requires_grad)).name
     if dropout_p > 0.0:
         # Only the reference does dropout (select_backend refused every other backend for this call).
         return prefix_attention_reference(
             q, k, v, bank.k, bank.v, plan.prefix_ids, bank.offsets, key_padding_mask, causal, scale, dropout_p
         )
-    return run_op(args, chosen.name)
+    return run_op(args, name)
+
+
+def _graph_backend(backend, device_type, dtype, head_dim, causal, dropout_p, requires_grad) -> str:
+    """The backend a compiled graph calls, chosen once while ``torch.compile`` traces (the lengths are symbolic
+    there, so the call is described without them: -1)."""
+    call = AttentionCall(device_type, dtype, head_dim, -1, -1, causal, float(dropout_p), requires_grad)
+    return select_backend(backend, call).name
+
+
+# What torch.compiler.assume_constant_result sets, without importing torch._dynamo with prefixrt.ops (a test
+# checks that it still is): dynamo runs the function at trace time and puts its result in the graph.
+_graph_backend._dynamo_marked_constant = True
