@@ -82,6 +82,7 @@ class PrefixBinding:
     config_owners: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
     # (bank.version, {site: entry lengths}): read on the host once per bank version, outside compiled graphs
     _lengths: tuple[int, dict[str, tuple[int, ...]]] | None = None
+    _read_outside_graph: Any = None  # read_entry_lengths behind torch.compiler.disable, made at attach
 
     def plan_step(
         self, prefix_ids: torch.Tensor, batch_size: int, sites: Sequence[str] | None = None
@@ -127,14 +128,15 @@ class PrefixBinding:
             self.bank.check_ids(prefix_ids)
 
     def entry_lengths(self) -> dict[str, tuple[int, ...]]:
-        """``{site: entry lengths}`` as Python ints, read from the bank once per ``bank.version`` (attach reads
-        them; inside ``torch.compile`` a changed bank is read again, which costs one graph break)."""
+        """``{site: entry lengths}`` as Python ints, read from the bank once per ``bank.version`` (``attach`` and
+        every eager forward after a change read them; inside ``torch.compile``, a bank changed since then is read
+        through one graph break, which ``fullgraph=True`` refuses)."""
         version = self.bank.version
         if self._lengths is None or self._lengths[0] != version:
-            lengths = {
-                site: tuple(int(n) for n in _entry_lengths(self.bank, site).tolist())
-                for site in self.bank.spec.sites
-            }
+            if torch.compiler.is_compiling() and self._read_outside_graph is not None:
+                lengths = self._read_outside_graph(self.bank)
+            else:
+                lengths = read_entry_lengths(self.bank)
             self._lengths = (version, lengths)
         return self._lengths[1]
 
@@ -222,6 +224,11 @@ def attach(
     attention.register()
     binding = PrefixBinding(bank, backend, position_offset)
     binding.entry_lengths()  # read on the host now, so a compiled forward finds them
+    binding._read_outside_graph = torch.compiler.disable(
+        read_entry_lengths,
+        reason="prefixrt: the prefix bank changed since attach or the last eager forward, so its entry lengths are "
+        "read on the host; run one eager forward after changing the bank to keep fullgraph=True",
+    )
     _use_own_config(model, binding)
     for module, site, layer in family.attention_sites(model):
         module._prefixrt_site = (site, layer)
@@ -287,7 +294,12 @@ def binding_of(model: nn.Module) -> PrefixBinding:
     return binding
 
 
-def _entry_lengths(source: PrefixSource, site: str):
-    """Entry lengths of ``site`` without a device sync where the source keeps them on the host."""
-    lengths = getattr(source, "lengths", None)
-    return lengths(site) if lengths is not None else source.offsets(site).diff()
+def read_entry_lengths(source: PrefixSource) -> dict[str, tuple[int, ...]]:
+    """``{site: entry lengths}`` of ``source`` as Python ints (a host read when the source keeps them on the
+    device)."""
+    out = {}
+    for site in source.spec.sites:
+        lengths = getattr(source, "lengths", None)
+        lengths = lengths(site) if lengths is not None else source.offsets(site).diff()
+        out[site] = tuple(int(n) for n in lengths.tolist())
+    return out

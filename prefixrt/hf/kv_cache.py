@@ -5,7 +5,8 @@ works when its layers hand attention the keys it stored, exactly: ``DynamicLayer
 ``cache_implementation`` None or ``"dynamic"``) and ``StaticLayer`` (``StaticCache``: ``"static"`` and the
 deprecated ``"sliding_window"``, ``"hybrid"``, ``"hybrid_chunked"``, which build the same static layers for GPT-2
 and BART), and an ``EncoderDecoderCache`` of them (BART). :func:`check_cache` refuses every other cache at the
-model's first forward, naming it.
+model's first forward, naming it. (``cache_implementation="paged"``, continuous batching, is refused by
+:mod:`prefixrt.hf.generation.prepare` before any cache is made.)
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def check_cache(cache: Any) -> None:
             "'static'"
         )
     if getattr(cache, "offloading", False):
-        which = "'offloaded_static' / 'offloaded_hybrid*'" if _has(cache, StaticLayer) else "'offloaded'"
+        if _has(cache, StaticLayer):
+            which = "'offloaded_static', 'offloaded_hybrid' or 'offloaded_hybrid_chunked'"
+        else:
+            which = "'offloaded'"
         raise UnsupportedCache(
             f"prefixrt does not run an offloading {name} (cache_implementation={which}): not verified with "
             "prefix attention (offloading needs CUDA); use cache_implementation='dynamic' or 'static'"
