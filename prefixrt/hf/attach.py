@@ -6,13 +6,15 @@
    ``_attn_implementation`` is ``"prefixrt"`` (attention and mask functions registered in transformers' own
    registries, :mod:`prefixrt.hf.attention`): another model built from the same config object is not touched;
 2. each attention module gets two plain attributes: its ``(site, layer)`` and the binding (bank + backend);
-3. forward hooks that validate ``prefix_ids`` and shift positions (:mod:`prefixrt.hf.positions`; each model
-   family installs its own, see :mod:`prefixrt.hf.models`);
-4. an instance-level ``prepare_inputs_for_generation`` that passes ``prefix_ids`` to every step
+3. forward hooks that validate ``prefix_ids`` and the KV cache, plan the forward's attention and shift
+   positions (:mod:`prefixrt.hf.positions`; each model family installs its own, see :mod:`prefixrt.hf.models`);
+4. an instance-level ``prepare_inputs_for_generation`` that passes ``prefix_ids`` to every step, and an
+   instance-level ``init_continuous_batching`` that refuses transformers' continuous batching
    (:mod:`prefixrt.hf.generation.prepare`).
 
 The model's weights are not touched and the KV cache holds only real tokens: prefixes are read from the bank
-by id at every step.
+by id at every step. (A ``PrefixBank`` in another dtype than the model is cast to the model's dtype, in place and
+with a warning, like it is moved to the model's device; that is not undone.)
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ def attach(
     model : GPT2LMHeadModel / GPT2Model / BartForConditionalGeneration / BartModel
     bank : PrefixBank or PrefixSource
         Must be built for this architecture (``PrefixBank.for_model(model)``); it is moved to the model's device
-        (when it is an ``nn.Module``). Any :class:`PrefixSource` works in place of a bank (a ``PrefixTuner``).
+        (when it is an ``nn.Module``), and a ``PrefixBank`` is cast to the model's dtype (with a warning), once.
+        Any :class:`PrefixSource` works in place of a bank (a ``PrefixTuner``, whose K/V are cast in the forward).
     backend : str
         ``"auto"`` (fastest available for the tensors' device; ``PREFIXRT_BACKEND`` overrides), ``"reference"``,
         ``"triton"`` or ``"cpp"``.

@@ -262,8 +262,9 @@ def prefixrt_mask(
         return attention_mask
     if not _STANDARD:
         _load_standard()
-    if q_offset is None and kwargs.get("cache_position") is not None:
+    if q_offset is None and kwargs.get("cache_position") is not None:  # transformers before q_offset
         q_offset = kwargs["cache_position"][0]
+        q_length = kwargs["cache_position"].shape[0] if q_length is None else q_length
     padding = None
     if attention_mask is not None:
         padding = attention_mask.bool()

@@ -68,9 +68,10 @@ def prefix_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = AttentionArgs(q, k, v, bank, plan, key_padding_mask, bool(causal), scale)
     check_attention_args(args)
-    if not q.is_floating_point():  # else the reference computed it and the kernels refused it
+    # Refused here, or the reference would run (or raise torch's error) what the kernels refuse as unavailable.
+    if not q.is_floating_point():
         raise ValueError(f"q must be a floating-point tensor [B, H, Tq, D], got dtype {q.dtype}")
-    if not 0.0 <= dropout_p <= 1.0:  # else the reference raised (or ignored a negative p) and the kernels refused
+    if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bank.k, bank.v))
     if torch.compiler.is_compiling():  # resolved while tracing, outside the graph: the graph holds the name

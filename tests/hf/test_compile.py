@@ -7,7 +7,7 @@ one slow test runs inductor.
 
 import pytest
 import torch
-from support.tiny import left_padded, random_bank, random_kv, tiny_gpt2
+from support.tiny import left_padded, random_bank, random_kv, tiny_bart, tiny_gpt2
 from transformers import DynamicCache, StaticCache
 
 import prefixrt
@@ -77,6 +77,26 @@ def test_compiled_fullgraph_gives_the_eager_logits_and_calls_the_op(setup, case)
     calls = recorder.op_calls()
     assert len(calls) == model.config.n_layer  # one op call per layer, inside the one graph
     assert calls[0].args[-1] == "reference"  # the backend, resolved while tracing, is a constant of the graph
+
+
+def test_compiled_bart_fullgraph_gives_the_eager_logits_and_calls_the_op_at_every_site():
+    torch._dynamo.reset()
+    model = tiny_bart()
+    bank = random_bank(model, {"short": 3, "long": 9})
+    prefixrt.attach(model, bank, backend="reference")
+    ids, mask = left_padded([7, 9, 4], 9, seed=32)
+    kwargs = dict(
+        attention_mask=mask, decoder_input_ids=ids[:, :4], prefix_ids=bank.ids(["long", None, "short"])
+    )
+    eager = model(**kwargs, input_ids=ids, use_cache=False).logits
+    recorder = Recorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)(
+        **kwargs, input_ids=ids, use_cache=False
+    )
+    torch.testing.assert_close(compiled.logits, eager, rtol=0, atol=0)
+    layers = model.config.encoder_layers + 2 * model.config.decoder_layers  # encoder, decoder, cross
+    assert len(recorder.graphs) == 1 and len(recorder.op_calls()) == layers
+    torch._dynamo.reset()
 
 
 def test_compiled_static_cache_prefill_and_decode_equal_the_eager_dynamic_cache(setup):
