@@ -10,6 +10,7 @@ from transformers import DynamicCache, EncoderDecoderCache, QuantizedCache, Stat
 from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 
 import prefixrt
+from prefixrt.hf.generation.config import UnsupportedGenerationArgument
 from prefixrt.hf.generation.prepare import UnsupportedContinuousBatching
 from prefixrt.hf.kv_cache import UnsupportedCache
 
@@ -229,3 +230,22 @@ def test_a_cross_attention_cache_larger_than_the_source_is_refused():
             prefix_ids=prefix_ids,
             past_key_values=cache,
         )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefixrt_generate_accepts_the_caches_an_attached_model_runs_and_refuses_the_others(name):
+    """prefixrt.generate runs its own preallocated cache: a cache_implementation that gives the dynamic cache's
+    tokens on the attached model changes nothing; the others are refused by name, as generate() refuses them."""
+    model, ids, mask, prefix_ids = _gpt2_setup()
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=1, eos_token_id=None)
+    if name in REFUSED:
+        with pytest.raises(UnsupportedGenerationArgument, match="cache_implementation"):
+            prefixrt.generate(
+                model, ids, attention_mask=mask, prefix_ids=prefix_ids, cache_implementation=name, **kwargs
+            )
+        return
+    expected = model.generate(ids, attention_mask=mask, prefix_ids=prefix_ids, **kwargs)
+    got = prefixrt.generate(
+        model, ids, attention_mask=mask, prefix_ids=prefix_ids, cache_implementation=name, **kwargs
+    )
+    torch.testing.assert_close(got, expected, **EXACT)
