@@ -125,7 +125,9 @@ class PrefixBinding:
                 f"prefix_ids must be a LongTensor [batch={batch_size}], got shape {tuple(prefix_ids.shape)}"
             )
         if prefix_ids.is_floating_point() or prefix_ids.is_complex() or prefix_ids.dtype == torch.bool:
-            raise ValueError(f"prefix_ids must be an integer tensor [batch], got dtype {prefix_ids.dtype}")
+            raise ValueError(
+                f"prefix_ids must be a 1-D integer tensor [batch], got {prefix_ids.dtype} {tuple(prefix_ids.shape)}"
+            )
         if read:
             self.bank.check_ids(prefix_ids)
 
