@@ -74,10 +74,30 @@ def prefix_attention(
     dropout_p = check_dropout_p(dropout_p)
     args = AttentionArgs(q, k, v, bank, plan, key_padding_mask, bool(causal), scale)
     check_attention_args(args)
+    # Refused here, or the reference would run (or raise torch's error) what the kernels refuse as unavailable.
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor [B, H, Tq, D], got dtype {q.dtype}")
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bank.k, bank.v))
-    chosen = select_backend(backend, AttentionCall.of(q, k, causal, dropout_p, requires_grad))
+    if torch.compiler.is_compiling():  # resolved while tracing, outside the graph: the graph holds the name
+        name = _graph_backend(
+            backend, q.device.type, q.dtype, q.shape[-1], bool(causal), dropout_p, requires_grad
+        )
+    else:
+        name = select_backend(backend, AttentionCall.of(q, k, causal, dropout_p, requires_grad)).name
     if dropout_p > 0.0:
         # the generator is advanced only once the call is known to run
         increment = philox_increment(*q.shape[:3], key_stride(bank.k.shape[1], k.shape[2]))
         args = replace(args, dropout_p=dropout_p, philox=draw_philox_state(q.device, increment))
-    return run_op(args, chosen.name)
+    return run_op(args, name)
+
+
+def _graph_backend(backend, device_type, dtype, head_dim, causal, dropout_p, requires_grad) -> str:
+    """The backend a compiled graph calls, chosen once while ``torch.compile`` traces (the lengths are symbolic
+    there, so the call is described without them: -1)."""
+    call = AttentionCall(device_type, dtype, head_dim, -1, -1, causal, float(dropout_p), requires_grad)
+    return select_backend(backend, call).name
+
+
+# What torch.compiler.assume_constant_result sets, without importing torch._dynamo with prefixrt.ops (a test
+# checks that it still is): dynamo runs the function at trace time and puts its result in the graph.
+_graph_backend._dynamo_marked_constant = True

@@ -127,7 +127,8 @@ class StepPlan:
         lengths : the ``N`` entry lengths (``offsets.diff()``), a sequence of ints or a tensor
         group_size : rows per decode group (default :func:`default_group_size` over the used entries)
         read_ids : read the ids on the host (one sync per step): validates them and sizes every table exactly.
-            ``False`` plans on the device without a sync, with tables at their upper bounds (for traced code).
+            ``False`` plans on the device without a sync, with tables at their upper bounds (for traced code); an
+            id outside ``[-1, N)`` then reads no prefix (the plan's ``prefix_ids`` hold -1 there).
         device : where the plan lives (default: ``prefix_ids``' device). Ids given on the host with a device
             cost one small copy, never a sync.
         argument : the name to use in error messages.
@@ -247,7 +248,7 @@ def _plan_on_host(
 def _plan_on_device(ids: torch.Tensor, lengths: list[int], group_size: int | None) -> StepPlan:
     """Tables built with device ops only (no sync), at their upper bounds: ``U = min(B, N)`` used slots."""
     n_entries, batch, device = len(lengths), ids.shape[0], ids.device
-    # an id outside [0, N) reads no prefix (the kernels clamp it to an empty span): sort it with the -1 rows
+    # an id outside [0, N) reads no prefix: the plan's ids hold -1 there (so every backend reads no prefix for it)
     key = torch.where((ids >= 0) & (ids < n_entries), ids, -1)
     order = torch.argsort(key, stable=True)
     per_entry = torch.zeros(n_entries + 1, dtype=torch.long, device=device)
@@ -261,7 +262,7 @@ def _plan_on_device(ids: torch.Tensor, lengths: list[int], group_size: int | Non
     entry, start, rows = _groups(counts, seg_offsets, size, bound_groups)
     table = torch.cat([order, seg_offsets, used, entry, start, rows])
     dims = (batch, n_entries, bound_used, max(lengths, default=0), size, bound_groups, sum(lengths))
-    return StepPlan(ids, table, dims)
+    return StepPlan(key, table, dims)
 
 
 def _slots(per_entry: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:

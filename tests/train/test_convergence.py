@@ -15,7 +15,9 @@ BACKENDS = [b for b in ("cpp", "triton") if b in available_backends()]
 
 
 def curve(kind: str, backend: str) -> tuple[list[float], str]:
-    heads = {} if kind == "gpt2" else dict(encoder_attention_heads=2, decoder_attention_heads=2)  # head dim 16
+    heads = (
+        {} if kind == "gpt2" else dict(encoder_attention_heads=2, decoder_attention_heads=2)
+    )  # head dim 16
     model = tiny_model(kind, dropout=0.1, **heads)
     tuner = PrefixTuner(model, {"a": 4, "b": 3}, mid_dim=16, seed=0, prefix_dropout=0.1)
     tuner.attach(model, backend=backend)

@@ -9,7 +9,9 @@
 * every config field outside :data:`HONORED` must hold its neutral value (None, False, or the library default),
   whoever set it (the caller or the model's ``generation_config``), else the same error names it.
 
-Nothing is ignored silently; ``use_cache`` is accepted because results do not depend on it (we always cache).
+Nothing is ignored silently; ``use_cache`` is accepted because results do not depend on it (we always cache), and
+so is a ``cache_implementation`` that an attached model runs with the dynamic cache's results (``"dynamic"``,
+``"static"`` and the deprecated names that build static layers).
 """
 
 from __future__ import annotations
@@ -83,7 +85,12 @@ UNSUPPORTED_PARAMETERS = (
     "trust_remote_code",
 )
 
-_NEUTRAL_EXTRA = {"guidance_scale": (1, 1.0)}
+_NEUTRAL_EXTRA = {
+    "guidance_scale": (1, 1.0),
+    # The caches an attached model runs with the dynamic cache's tokens (prefixrt.hf.kv_cache): our loop's own
+    # preallocated cache gives those tokens too. The others (offloaded, quantized, paged) stay refused.
+    "cache_implementation": ("dynamic", "static", "sliding_window", "hybrid", "hybrid_chunked"),
+}
 
 
 @dataclass

@@ -6,6 +6,10 @@
 encoder of an encoder-decoder model. So an instance-level ``prepare_inputs_for_generation`` that names
 ``prefix_ids`` and puts it into every step's inputs is all that is needed; beam reordering never has to touch it
 because the beams of one input share its prefix.
+
+Continuous batching (``generate(cache_implementation="paged")``, ``generate_batch``, ``init_continuous_batching``)
+runs transformers' paged attention, which never reads the bank: the instance-level ``init_continuous_batching``
+(every entry point goes through it) refuses it with :class:`UnsupportedContinuousBatching`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ import types
 import torch
 from torch import nn
 
-__all__ = ["install", "uninstall"]
+__all__ = ["UnsupportedContinuousBatching", "install", "uninstall"]
+
+PATCHED = ("prepare_inputs_for_generation", "init_continuous_batching")
+
+
+class UnsupportedContinuousBatching(ValueError):
+    """transformers' continuous batching on an attached model (the message says what to use instead)."""
 
 
 def _prepare_inputs_with_prefix(self, *args, prefix_ids: torch.Tensor | None = None, **kwargs):
@@ -25,11 +35,22 @@ def _prepare_inputs_with_prefix(self, *args, prefix_ids: torch.Tensor | None = N
     return model_inputs
 
 
+def _refuse_continuous_batching(self, *args, **kwargs):
+    raise UnsupportedContinuousBatching(
+        "prefixrt: continuous batching (generate(cache_implementation='paged'), generate_batch, "
+        "init_continuous_batching) is not supported on an attached model: transformers' paged attention does not "
+        "read the prefix bank. prefixrt.Engine serves mixed-prefix requests with continuous batching."
+    )
+
+
 def install(model: nn.Module) -> None:
     if hasattr(model, "prepare_inputs_for_generation"):
         model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_with_prefix, model)
+    if hasattr(model, "init_continuous_batching"):
+        model.init_continuous_batching = types.MethodType(_refuse_continuous_batching, model)
 
 
 def uninstall(model: nn.Module) -> None:
-    if "prepare_inputs_for_generation" in vars(model):
-        del model.prepare_inputs_for_generation
+    for name in PATCHED:
+        if name in vars(model):
+            delattr(model, name)

@@ -140,6 +140,8 @@ class ModelFamily:
     max_positions : ``max_positions(config)`` -> size of the position table
     text_prefix_kv : ``text_prefix_kv(model, ids [1, T], extra_kwargs)`` -> site -> ``[layers, 2, H, T, D]``,
         the K/V of a text through the model (:mod:`prefixrt.hf.text_prefix`)
+    check_model : ``check_model(model)`` raises ``ValueError`` for a model of the family that ``attach`` cannot
+        serve (called before ``attach`` changes anything)
     """
 
     model_type: str
@@ -149,3 +151,4 @@ class ModelFamily:
     install_position_hooks: Callable[[nn.Module, Any], list]
     max_positions: Callable[[Any], int]
     text_prefix_kv: Callable[[nn.Module, torch.Tensor, dict], dict[str, torch.Tensor]]
+    check_model: Callable[[nn.Module], None] = lambda model: None

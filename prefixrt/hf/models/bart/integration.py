@@ -2,6 +2,8 @@
 
 * Attention sites: each encoder layer's ``self_attn`` (``encoder``), each decoder layer's ``self_attn``
   (``decoder``) and ``encoder_attn`` (``cross``).
+* Checks and plans: the encoder's and the decoder's pre-hooks check ``prefix_ids`` (and the decoder's cache) and
+  plan their sites' attention for the forward.
 * Positions: only the decoder is shifted (by the row's decoder-prefix length). The decoder computes its positions
   internally and takes no per-row ids, so a pre-hook on the decoder records the per-row shift for the duration of
   that forward and a hook on ``decoder.embed_positions`` looks the shifted positions up. Encoder positions are
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from prefixrt.hf.kv_cache import output_cache, stack_layers
-from prefixrt.hf.positions import batch_and_length, bound_arguments, checked_prefix_ids
+from prefixrt.hf.positions import ForwardArguments, batch_and_length, planned_kwargs
 
 __all__ = ["attention_sites", "install_position_hooks", "max_positions", "text_prefix_kv"]
 
@@ -40,27 +42,31 @@ def install_position_hooks(model: nn.Module, binding) -> list:
     """The encoder check, the decoder shift and the position-table lookup (see the module docstring)."""
     base = getattr(model, "model", model)
     encoder, decoder = base.encoder, base.decoder
+    read_encoder, read_decoder = ForwardArguments(encoder.forward), ForwardArguments(decoder.forward)
+    read_positions = ForwardArguments(decoder.embed_positions.forward)  # the signatures, once
     state = {"shift": None}
 
     def check_encoder_ids(module, args, kwargs):
-        arguments = bound_arguments(module, args, kwargs)
+        arguments = read_encoder(args, kwargs)
         batch, _, _ = batch_and_length(arguments, "input_ids", "inputs_embeds")
-        checked_prefix_ids(arguments, binding, batch)
+        _, kwargs = planned_kwargs(arguments, kwargs, binding, batch, sites=["encoder"])
+        return args, kwargs
 
     def record_decoder_shift(module, args, kwargs):
-        arguments = bound_arguments(module, args, kwargs)
+        arguments = read_decoder(args, kwargs)
         batch, _, device = batch_and_length(arguments, "input_ids", "inputs_embeds")
-        prefix_ids = checked_prefix_ids(arguments, binding, batch)
+        prefix_ids, kwargs = planned_kwargs(arguments, kwargs, binding, batch, sites=["decoder", "cross"])
         state["shift"] = binding.position_shift(prefix_ids, "decoder", device)
+        return args, kwargs
 
     def forget_decoder_shift(module, args, kwargs, output):
         state["shift"] = None
 
     def shifted_positions(module, args, kwargs, output):
         shift = state["shift"]
-        if shift is None or not bool(shift.any()):
+        if shift is None:
             return output
-        arguments = bound_arguments(module, args, kwargs)
+        arguments = read_positions(args, kwargs)
         position_ids = arguments.get("position_ids")
         if position_ids is None:
             length = arguments["input_ids"].shape[1]

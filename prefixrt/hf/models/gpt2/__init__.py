@@ -15,4 +15,5 @@ FAMILY = ModelFamily(
     install_position_hooks=integration.install_position_hooks,
     max_positions=integration.max_positions,
     text_prefix_kv=integration.text_prefix_kv,
+    check_model=integration.check_model,
 )
