@@ -114,9 +114,11 @@ class AttentionArgs:
         )
 
 
-def _expect(cond: bool, message: str) -> None:
+def _expect(cond: bool, message) -> None:
+    """Raise ``ValueError(message)`` (``message`` a str, or a callable making it: built only on failure, so a
+    passing check costs no formatting and stays traceable by ``torch.compile`` with symbolic shapes)."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def check_attention_args(args: AttentionArgs) -> None:
@@ -126,7 +128,7 @@ def check_attention_args(args: AttentionArgs) -> None:
     count and the bank's entry count).
     """
     q, k, v, bank, plan, mask = args.q, args.k, args.v, args.bank, args.plan, args.key_padding_mask
-    _expect(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be [B, H, Tq, D], got {_shape(q)}")
+    _expect(isinstance(q, torch.Tensor) and q.dim() == 4, lambda: f"q must be [B, H, Tq, D], got {_shape(q)}")
     batch, heads, _, head_dim = q.shape
     for name, t in (("k", k), ("v", v)):
         _expect(
@@ -135,44 +137,56 @@ def check_attention_args(args: AttentionArgs) -> None:
             and t.shape[0] == batch
             and t.shape[1] == heads
             and t.shape[3] == head_dim,
-            f"{name} must be [B={batch}, H={heads}, Tk, D={head_dim}], got shape {_shape(t)}",
+            lambda name=name, t=t: (
+                f"{name} must be [B={batch}, H={heads}, Tk, D={head_dim}], got shape {_shape(t)}"
+            ),
         )
     _expect(
-        k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        k.shape == v.shape,
+        lambda: f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}",
     )
-    _expect(isinstance(bank, BankLayer), f"bank must be a prefixrt.ops.BankLayer, got {type(bank).__name__}")
-    _expect(isinstance(plan, StepPlan), f"plan must be a prefixrt.ops.StepPlan, got {type(plan).__name__}")
+    _expect(
+        isinstance(bank, BankLayer),
+        lambda: f"bank must be a prefixrt.ops.BankLayer, got {type(bank).__name__}",
+    )
+    _expect(
+        isinstance(plan, StepPlan), lambda: f"plan must be a prefixrt.ops.StepPlan, got {type(plan).__name__}"
+    )
     for name, t in (("bank.k", bank.k), ("bank.v", bank.v)):
         _expect(
             t.dim() == 3 and t.shape[0] == heads and t.shape[2] == head_dim,
-            f"{name} must be [H={heads}, S, D={head_dim}], got shape {tuple(t.shape)}",
+            lambda name=name, t=t: f"{name} must be [H={heads}, S, D={head_dim}], got shape {tuple(t.shape)}",
         )
     _expect(bank.k.shape == bank.v.shape, "bank.k and bank.v must have the same shape")
     offsets = bank.offsets
     _expect(
         offsets.dim() == 1 and offsets.shape[0] >= 1 and offsets.dtype == torch.int64,
-        f"bank.offsets must be a LongTensor [N + 1], got {offsets.dtype} {tuple(offsets.shape)}",
+        lambda: f"bank.offsets must be a LongTensor [N + 1], got {offsets.dtype} {tuple(offsets.shape)}",
     )
     _expect(
         plan.n_entries == bank.n_entries,
-        f"plan was built for a bank of {plan.n_entries} entries, bank.offsets describes {bank.n_entries}",
+        lambda: (
+            f"plan was built for a bank of {plan.n_entries} entries, bank.offsets describes {bank.n_entries}"
+        ),
     )
     _expect(
         plan.bank_rows <= bank.k.shape[1],
-        f"bank.offsets reach row {plan.bank_rows} but bank.k holds {bank.k.shape[1]} rows",
+        lambda: f"bank.offsets reach row {plan.bank_rows} but bank.k holds {bank.k.shape[1]} rows",
     )
     _expect(
         plan.batch == batch,
-        f"plan (prefix_ids) has {plan.batch} rows, q has B={batch}",
+        lambda: f"plan (prefix_ids) has {plan.batch} rows, q has B={batch}",
     )
     if mask is not None:
         _expect(
             isinstance(mask, torch.Tensor) and mask.shape == (batch, k.shape[2]),
-            f"key_padding_mask must be [B={batch}, Tk={k.shape[2]}], got {_shape(mask)}",
+            lambda: f"key_padding_mask must be [B={batch}, Tk={k.shape[2]}], got {_shape(mask)}",
         )
-        _expect(mask.dtype == torch.bool, f"key_padding_mask must be a bool tensor, got {mask.dtype}")
+        _expect(mask.dtype == torch.bool, lambda: f"key_padding_mask must be a bool tensor, got {mask.dtype}")
     for name, t in (("k", k), ("v", v), ("bank.k", bank.k), ("bank.v", bank.v)):
-        _expect(t.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        _expect(
+            t.dtype == q.dtype, lambda name=name, t=t: f"{name} must have q's dtype {q.dtype}, got {t.dtype}"
+        )
     for name, t in (
         ("k", k),
         ("v", v),
@@ -183,7 +197,10 @@ def check_attention_args(args: AttentionArgs) -> None:
         ("key_padding_mask", mask),
     ):
         if t is not None:
-            _expect(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
+            _expect(
+                t.device == q.device,
+                lambda name=name, t=t: f"{name} must be on q's device {q.device}, got {t.device}",
+            )
     check_dropout_p(args.dropout_p)
     if args.dropout_p > 0.0:
         philox = args.philox
@@ -192,8 +209,10 @@ def check_attention_args(args: AttentionArgs) -> None:
             and philox.shape == (2,)
             and philox.dtype == torch.int64
             and philox.device.type == "cpu",
-            f"philox must be a CPU LongTensor [2] (seed, offset) when dropout_p > 0, got {_shape(philox)}"
-            + (f" {philox.dtype} on {philox.device}" if isinstance(philox, torch.Tensor) else ""),
+            lambda: (
+                f"philox must be a CPU LongTensor [2] (seed, offset) when dropout_p > 0, got {_shape(philox)}"
+                + (f" {philox.dtype} on {philox.device}" if isinstance(philox, torch.Tensor) else "")
+            ),
         )
 
 

@@ -182,3 +182,31 @@ def test_inductor_compiled_model_gives_the_eager_logits(setup):
     compiled = torch.compile(model, fullgraph=True)
     got = compiled(ids, attention_mask=mask, prefix_ids=prefix_ids, use_cache=False).logits
     torch.testing.assert_close(got, eager, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_compiled_forward_in_generate_with_the_static_cache_gives_the_eager_tokens(setup, mode):
+    """HF's compiled decoding: ``model.forward = torch.compile(model.forward)`` and ``generate(cache_implementation=
+    "static")``. A second prompt length recompiles with symbolic sizes, which the op's checks must trace."""
+    model, _, ids, mask, prefix_ids = setup
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=1 if mode == "greedy" else 2)
+    lengths = (9, 6)
+    eager = [
+        model.generate(ids[:, -n:], attention_mask=mask[:, -n:], prefix_ids=prefix_ids, **kwargs)
+        for n in lengths
+    ]
+    recorder = Recorder()
+    model.forward = torch.compile(model.forward, backend=recorder, fullgraph=True)
+    try:
+        for n, want in zip(lengths, eager, strict=True):
+            got = model.generate(
+                ids[:, -n:],
+                attention_mask=mask[:, -n:],
+                prefix_ids=prefix_ids,
+                cache_implementation="static",
+                **kwargs,
+            )
+            assert torch.equal(got, want), n
+    finally:
+        del model.forward  # back to the class's forward
+    assert recorder.op_calls()
