@@ -108,6 +108,9 @@ class Engine:
         Capture the decode step on CUDA (default: on CUDA).
     keep_finished : int
         Outputs of ended requests kept for :meth:`result` until popped (oldest dropped first).
+    gemm : str
+        How the model's weight matmuls run: ``"auto"`` (oneDNN on weights packed once, for fp32 on a CPU; else the
+        modules' own), ``"packed"`` or ``"plain"`` (see :mod:`prefixrt.hf.models.gemm`).
 
     >>> engine = prefixrt.Engine(model, bank, max_batch_size=8)              # doctest: +SKIP
     >>> rid = engine.add_request(ids, prefix="e2e", params=SamplingParams(max_new_tokens=32))  # doctest: +SKIP
@@ -126,6 +129,7 @@ class Engine:
         position_offset: str | None = None,
         cuda_graphs: bool | None = None,
         keep_finished: int = 1024,
+        gemm: str = "auto",
     ):
         if not isinstance(bank, PrefixBank):
             raise TypeError(f"bank must be a prefixrt.PrefixBank, got {type(bank).__name__}")
@@ -150,7 +154,7 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.model, self.bank = model, bank
-        self.runner = runner_for(model)
+        self.runner = runner_for(model, gemm)
         self.max_batch_size, self.max_prompt_tokens, self.max_new_tokens = (
             max_batch_size,
             max_prompt_tokens,

@@ -39,6 +39,7 @@ def generate(
     *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    gemm: str = "auto",
     **kwargs,
 ) -> torch.LongTensor:
     """Generate for a batch of mixed-prefix rows, returning exactly what ``model.generate`` returns.
@@ -55,6 +56,8 @@ def generate(
     generation_config : GenerationConfig, optional
     seed, generator : sampling only; output row ``r`` draws from a generator seeded with ``seed + r`` (``seed``
         itself drawn from ``generator`` or torch's global generator when not given).
+    gemm : how the model's weight matmuls run, as for :class:`prefixrt.Engine` (``"auto"``, ``"packed"``,
+        ``"plain"``); the packed weights are made once per model (:mod:`prefixrt.hf.models.gemm`).
     **kwargs :
         Generation settings (``max_new_tokens``, ``min_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
         ``top_p``, ``repetition_penalty``, ``num_beams``, ``length_penalty``, ``early_stopping``,
@@ -70,7 +73,7 @@ def generate(
     ...                         max_new_tokens=20, num_beams=4)          # doctest: +SKIP
     """
     binding = binding_of(model)
-    runner = runner_for(model)
+    runner = runner_for(model, gemm)
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
     if input_ids is None:

@@ -45,6 +45,7 @@ def family_for(model: nn.Module) -> ModelFamily:
     return family
 
 
-def runner_for(model: nn.Module) -> Runner:
-    """The engine's forward for ``model`` (``GPT2LMHeadModel``, ``BartForConditionalGeneration``, ...)."""
-    return family_for(model).runner(model)
+def runner_for(model: nn.Module, gemm: str = "auto") -> Runner:
+    """The engine's forward for ``model`` (``GPT2LMHeadModel``, ``BartForConditionalGeneration``, ...);
+    ``gemm`` picks how its weight matmuls run (:mod:`prefixrt.hf.models.gemm`)."""
+    return family_for(model).runner(model, gemm=gemm)

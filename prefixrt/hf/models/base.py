@@ -132,7 +132,8 @@ class ModelFamily:
     ----------
     model_type : transformers' ``config.model_type``
     name : for messages ("GPT-2")
-    runner : ``runner(model)`` -> the engine's :class:`Runner`
+    runner : ``runner(model, gemm="auto")`` -> the engine's :class:`Runner` (``gemm``: how its weight matmuls
+        run, one of :data:`prefixrt.hf.models.gemm.GEMM_KINDS`)
     attention_sites : ``attention_sites(model)`` -> ``[(attention module, site, layer)]``, every attention module
         ``attach`` routes through the bank
     install_position_hooks : ``install_position_hooks(model, binding)`` -> hook handles that check ``prefix_ids``
@@ -146,7 +147,7 @@ class ModelFamily:
 
     model_type: str
     name: str
-    runner: Callable[[nn.Module], Runner]
+    runner: Callable[..., Runner]
     attention_sites: Callable[[nn.Module], list[tuple[nn.Module, str, int]]]
     install_position_hooks: Callable[[nn.Module, Any], list]
     max_positions: Callable[[Any], int]

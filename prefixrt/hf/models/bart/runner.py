@@ -15,6 +15,7 @@ from torch import nn
 from prefixrt.hf.generation.config import UnsupportedGenerationArgument
 from prefixrt.hf.models.bart.integration import max_positions
 from prefixrt.hf.models.base import StepInputs
+from prefixrt.hf.models.gemm import gemms_for, resolve_gemm
 
 __all__ = ["BartRunner"]
 
@@ -25,7 +26,7 @@ class BartRunner:
     has_encoder = True
     decode_sites = ("decoder", "cross")
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, gemm: str = "auto"):
         base = getattr(model, "model", None)
         if base is None or not hasattr(base, "encoder") or not hasattr(model, "lm_head"):
             raise TypeError(f"expected a BartForConditionalGeneration, got {type(model).__name__}")
@@ -40,6 +41,18 @@ class BartRunner:
         self.max_positions = max_positions(config)
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.gemm = gemms_for(model, self.linears(), resolve_gemm(gemm, self.device, self.dtype))
+
+    def linears(self) -> list[nn.Module]:
+        """Every weight GEMM the forward runs: each layer's projections and feed-forward, then the output layer."""
+        found = [
+            module
+            for stack in (self.encoder, self.decoder)
+            for layer in stack.layers
+            for module in layer.modules()
+            if isinstance(module, nn.Linear)
+        ]
+        return [*found, self.model.lm_head]
 
     def decoder_length(self, input_length: int) -> int:
         return 1
@@ -60,7 +73,7 @@ class BartRunner:
 
     def _ffn(self, layer, h: torch.Tensor) -> torch.Tensor:
         residual = h
-        h = layer.fc2(layer.activation_fn(layer.fc1(h)))
+        h = self.gemm(layer.fc2, self.gemm(layer.fc1, h, layer.activation_fn))
         return layer.final_layer_norm(residual + h)
 
     def _encode(self, cache, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -72,10 +85,13 @@ class BartRunner:
         for i, layer in enumerate(enc.layers):
             attn = layer.self_attn
             q, k, v = (
-                self._split(proj(h), self.enc_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+                self._split(self.gemm(proj, h), self.enc_heads)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
             )
             out = cache.attention(q, k, v, "encoder", i, attn.scaling, mask=mask, causal=False)
-            h = layer.self_attn_layer_norm(h + attn.out_proj(out.transpose(1, 2).reshape(items, length, -1)))
+            h = layer.self_attn_layer_norm(
+                h + self.gemm(attn.out_proj, out.transpose(1, 2).reshape(items, length, -1))
+            )
             h = self._ffn(layer, h)
             if h.dtype == torch.float16 and not torch.isfinite(h).all():
                 clamp = torch.finfo(h.dtype).max - 1000
@@ -97,22 +113,28 @@ class BartRunner:
         h = dec.layernorm_embedding(dec.embed_tokens(tokens) + self._positions(step.positions))  # [R, T, C]
         for i, layer in enumerate(dec.layers):
             attn, cross = layer.self_attn, layer.encoder_attn
-            q, k, v = (self._split(proj(h), self.heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k, v = (
+                self._split(self.gemm(proj, h), self.heads)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
             cache.write_prompt(i, k, v)
             out = cache.attention(q, k, v, "decoder", i, attn.scaling, mask=step.attention_mask, causal=True)
-            h = layer.self_attn_layer_norm(h + attn.out_proj(out.transpose(1, 2).reshape(items, length, -1)))
-            ks, vs = self._split(cross.k_proj(enc), self.heads), self._split(cross.v_proj(enc), self.heads)
+            h = layer.self_attn_layer_norm(
+                h + self.gemm(attn.out_proj, out.transpose(1, 2).reshape(items, length, -1))
+            )
+            ks = self._split(self.gemm(cross.k_proj, enc), self.heads)
+            vs = self._split(self.gemm(cross.v_proj, enc), self.heads)
             cache.write_source(i, ks, vs)
-            q = self._split(cross.q_proj(h), self.heads)
+            q = self._split(self.gemm(cross.q_proj, h), self.heads)
             out = cache.attention(q, ks, vs, "cross", i, cross.scaling, mask=mask, causal=False)
             h = layer.encoder_attn_layer_norm(
-                h + cross.out_proj(out.transpose(1, 2).reshape(items, length, -1))
+                h + self.gemm(cross.out_proj, out.transpose(1, 2).reshape(items, length, -1))
             )
             h = self._ffn(layer, h)
         return self._logits(h[:, -1])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(h)
+        logits = self.gemm(self.model.lm_head, h)
         return logits + self.model.final_logits_bias.to(logits.device)
 
     def decode(self, step: StepInputs) -> torch.Tensor:
@@ -124,13 +146,14 @@ class BartRunner:
         for i, layer in enumerate(dec.layers):
             attn, cross = layer.self_attn, layer.encoder_attn
             q, k, v = (
-                proj(h).view(n, self.heads, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+                self.gemm(proj, h).view(n, self.heads, self.head_dim)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
             )
             cache.write_token(i, k, v)
             out = cache.self_attention(q, i, attn.scaling)
-            h = layer.self_attn_layer_norm(h + attn.out_proj(out.reshape(n, self.hidden)))
-            q = cross.q_proj(h).view(n, self.heads, self.head_dim)
+            h = layer.self_attn_layer_norm(h + self.gemm(attn.out_proj, out.reshape(n, self.hidden)))
+            q = self.gemm(cross.q_proj, h).view(n, self.heads, self.head_dim)
             out = cache.cross_attention(q, i, cross.scaling)
-            h = layer.encoder_attn_layer_norm(h + cross.out_proj(out.reshape(n, self.hidden)))
+            h = layer.encoder_attn_layer_norm(h + self.gemm(cross.out_proj, out.reshape(n, self.hidden)))
             h = self._ffn(layer, h)
         return self._logits(h)

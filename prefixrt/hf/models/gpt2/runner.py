@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prefixrt.hf.models.base import StepInputs
+from prefixrt.hf.models.gemm import gemms_for, resolve_gemm
 from prefixrt.hf.models.gpt2.integration import max_positions
 
 __all__ = ["GPT2Runner"]
@@ -23,7 +24,7 @@ class GPT2Runner:
     has_encoder = False
     decode_sites = ("decoder",)
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, gemm: str = "auto"):
         if not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
             raise TypeError(f"expected a GPT2LMHeadModel, got {type(model).__name__}")
         config = model.config
@@ -39,6 +40,12 @@ class GPT2Runner:
         self.max_positions = max_positions(config)
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.gemm = gemms_for(model, self.linears(), resolve_gemm(gemm, self.device, self.dtype))
+
+    def linears(self) -> list[nn.Module]:
+        """Every weight GEMM the forward runs (the blocks' four, then the output layer)."""
+        convs = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in self.blocks]
+        return [conv for four in convs for conv in four] + [self.model.lm_head]
 
     @staticmethod
     def _scale(attn, layer: int, config) -> float:
@@ -56,7 +63,7 @@ class GPT2Runner:
 
     def _qkv(self, block, x: torch.Tensor):
         """``x [..., T, C]`` -> q, k, v ``[..., H, T, D]`` (views of one fused projection, like HF)."""
-        q, k, v = block.attn.c_attn(x).split(self.hidden, dim=-1)
+        q, k, v = self.gemm(block.attn.c_attn, x).split(self.hidden, dim=-1)
         shape = (*x.shape[:-1], self.heads, self.head_dim)
         return (t.view(shape).transpose(-3, -2) for t in (q, k, v))
 
@@ -71,9 +78,14 @@ class GPT2Runner:
             q, k, v = self._qkv(block, block.ln_1(h))  # [R, H, T, D]
             cache.write_prompt(layer, k, v)
             out = cache.attention(q, k, v, "decoder", layer, self.scales[layer], mask=mask, causal=True)
-            h = block.attn.c_proj(out.transpose(1, 2).reshape(items, length, self.hidden)) + h
-            h = block.mlp(block.ln_2(h)) + h
-        return self.model.lm_head(transformer.ln_f(h[:, -1]))
+            h = self.gemm(block.attn.c_proj, out.transpose(1, 2).reshape(items, length, self.hidden)) + h
+            h = self._mlp(block, h) + h
+        return self.gemm(self.model.lm_head, transformer.ln_f(h[:, -1]))
+
+    def _mlp(self, block, h: torch.Tensor) -> torch.Tensor:
+        """``GPT2MLP`` (eval: its dropout is the identity) through the runner's GEMMs."""
+        mlp = block.mlp
+        return self.gemm(mlp.c_proj, self.gemm(mlp.c_fc, block.ln_2(h), mlp.act))
 
     def decode(self, step: StepInputs) -> torch.Tensor:
         """One token per row: ``step.input_ids [n]``, ``step.positions [n]``; returns logits ``[n, V]``."""
@@ -85,6 +97,6 @@ class GPT2Runner:
             q, k, v = self._qkv(block, block.ln_1(h)[:, None])  # [n, H, 1, D]
             cache.write_token(layer, k[:, :, 0], v[:, :, 0])
             out = cache.self_attention(q[:, :, 0], layer, self.scales[layer])
-            h = block.attn.c_proj(out.reshape(n, self.hidden)) + h
-            h = block.mlp(block.ln_2(h)) + h
-        return self.model.lm_head(transformer.ln_f(h))
+            h = self.gemm(block.attn.c_proj, out.reshape(n, self.hidden)) + h
+            h = self._mlp(block, h) + h
+        return self.gemm(self.model.lm_head, transformer.ln_f(h))
