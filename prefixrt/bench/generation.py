@@ -10,8 +10,14 @@ Methods (same model weights, same bank, same prompts):
   model with the prefix's K/V copied into a ``DynamicCache`` (expanded to the batch) and the attention mask
   extended by ``P`` ones (built by hand; same positions as PEFT: real tokens at ``P .. P+T-1``);
 * ``hf_attached`` -- HF ``generate()`` on the model attached with ``prefixrt.attach``, one mixed batch;
+* ``hf_compiled`` -- the same under HF's compiled decoding: ``model.forward = torch.compile(model.forward)`` and
+  ``generate(cache_implementation="static")`` (compiled once per model, in an untimed first call);
 * ``prefixrt_generate`` -- :func:`prefixrt.generate`, one mixed batch;
-* ``prefixrt_engine`` -- :class:`prefixrt.Engine` with every request added at once.
+* ``prefixrt_engine`` -- :class:`prefixrt.Engine` with every request added at once;
+* ``prefixrt_engine_plain`` -- the Engine with torch's own weight GEMMs (``gemm="plain"``), to show what the packed
+  ones (:mod:`prefixrt.hf.models.gemm`) bring;
+* ``hf_no_prefix`` -- HF ``generate()`` on the plain model *without* prefixes (what a server with no prefix support,
+  such as vLLM, computes; its tokens are the vLLM arm's check).
 
 Each is timed end to end (prefill included) and its peak memory is the growth of the process's resident set
 over the run (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus ``VmRSS`` before): it
@@ -26,9 +32,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["METHODS", "Workload", "build", "matmul_floor", "measure", "run_method"]
+__all__ = ["ATTACHED", "METHODS", "Workload", "build", "matmul_floor", "measure", "run_method", "uncompile"]
 
-METHODS = ("peft_style", "hf_attached", "prefixrt_generate", "prefixrt_engine")
+METHODS = (
+    "peft_style",
+    "hf_attached",
+    "hf_compiled",
+    "prefixrt_generate",
+    "prefixrt_engine",
+    "prefixrt_engine_plain",
+    "hf_no_prefix",
+)
+ATTACHED = ("hf_attached", "hf_compiled", "prefixrt_generate", "prefixrt_engine", "prefixrt_engine_plain")
 
 
 @dataclass(frozen=True)
@@ -72,14 +87,16 @@ def build(workload: Workload, model=None, device: torch.device | str = "cpu"):
             pad_token_id=0,
         )
         model = GPT2LMHeadModel(config).eval().requires_grad_(False).to(device)
+    # The prompts do not depend on the prefix length: one vLLM run (no prefixes) serves every P.
+    prompts = torch.Generator().manual_seed(workload.seed + 2)
+    # Token 0 is the pad id: keep it out of the prompts (HF would infer padding from it).
+    input_ids = torch.randint(1, workload.vocab, (workload.rows, workload.prompt_len), generator=prompts)
     g = torch.Generator().manual_seed(workload.seed + 1)
     bank = prefixrt.PrefixBank.for_model(model)
     head_dim = workload.hidden // workload.heads
     for p in range(workload.prefixes):
         kv = torch.randn(workload.layers, 2, workload.heads, workload.prefix_len, head_dim, generator=g)
         bank.add(f"prefix{p}", kv)
-    # Token 0 is the pad id: keep it out of the prompts (HF would infer padding from it).
-    input_ids = torch.randint(1, workload.vocab, (workload.rows, workload.prompt_len), generator=g)
     prefix_ids = torch.arange(workload.rows) % workload.prefixes
     return model, bank, input_ids.to(device), prefix_ids.to(device)
 
@@ -113,29 +130,60 @@ def peft_style_generate(model, bank, input_ids, prefix_ids, workload: Workload) 
     return out
 
 
+_COMPILED: dict[int, object] = {}  # id(model) -> its compiled forward (compiled once, reinstalled per run)
+
+
+def compile_forward(model) -> None:
+    """HF's compiled decoding set-up: the model's forward replaced by ``torch.compile`` of it."""
+    if id(model) not in _COMPILED:
+        _COMPILED[id(model)] = torch.compile(model.forward, fullgraph=True)
+    model.forward = _COMPILED[id(model)]
+
+
+def uncompile(model) -> None:
+    """Back to the class's own forward (the compiled one stays cached for the next ``hf_compiled`` run)."""
+    model.__dict__.pop("forward", None)
+
+
 def run_method(name: str, model, bank, input_ids, prefix_ids, workload: Workload) -> torch.Tensor:
-    """Run one method; ``model`` must be attached to ``bank`` except for ``peft_style`` (detached)."""
+    """Run one method; ``model`` must be attached to ``bank`` for the :data:`ATTACHED` methods, detached for
+    the others."""
     from prefixrt.engine import Engine, SamplingParams, generate
 
     with torch.no_grad():
         if name == "peft_style":
             return peft_style_generate(model, bank, input_ids, prefix_ids, workload)
         mask = torch.ones_like(input_ids)
+        if name == "hf_no_prefix":
+            return model.generate(input_ids, attention_mask=mask, **_generate_kwargs(workload))
         if name == "hf_attached":
             return model.generate(
                 input_ids, attention_mask=mask, prefix_ids=prefix_ids, **_generate_kwargs(workload)
             )
+        if name == "hf_compiled":
+            compile_forward(model)
+            try:
+                return model.generate(
+                    input_ids,
+                    attention_mask=mask,
+                    prefix_ids=prefix_ids,
+                    cache_implementation="static",
+                    **_generate_kwargs(workload),
+                )
+            finally:
+                uncompile(model)
         if name == "prefixrt_generate":
             return generate(
                 model, input_ids, attention_mask=mask, prefix_ids=prefix_ids, **_generate_kwargs(workload)
             )
-        if name == "prefixrt_engine":
+        if name in ("prefixrt_engine", "prefixrt_engine_plain"):
             engine = Engine(
                 model,
                 bank,
                 max_batch_size=input_ids.shape[0],
                 max_prompt_tokens=input_ids.shape[1],
                 max_new_tokens=workload.new_tokens,
+                gemm="plain" if name == "prefixrt_engine_plain" else "auto",
             )
             params = SamplingParams(max_new_tokens=workload.new_tokens, eos_token_id=None, pad_token_id=0)
             ids = [
@@ -182,26 +230,29 @@ def measure(fn, device: torch.device | str = "cpu") -> tuple[object, float, int 
     return result, seconds, peak
 
 
-def matmul_floor(model, workload: Workload) -> float:
-    """Seconds that the model's weight matmuls alone take for the workload, on this machine now: a lower bound
-    for any method that runs the model's layers as they are (attention, caches, sampling and Python excluded).
+def matmul_floor(model, workload: Workload, gemm: str = "plain") -> float:
+    """Seconds that the model's weight matmuls alone take for the workload, on this machine now, computed the
+    ``gemm`` way (``"plain"``: torch's ``F.linear``; ``"packed"``: oneDNN on packed weights, as the runners do):
+    a lower bound for any method that runs the model's layers through those GEMMs (attention, caches, sampling
+    and Python excluded).
 
     Prefill: every layer's four projections on ``rows * prompt_len`` tokens and the LM head on the last one;
     then ``new_tokens - 1`` decode steps of ``rows`` tokens through the projections and the LM head.
     """
-    weights = []
-    for block in model.transformer.h:
-        for conv in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            weights.append(conv.weight)  # Conv1D: [in, out]
-    head = model.lm_head.weight.t()  # [hidden, vocab]
-    rows, device = workload.rows, head.device
+    from prefixrt.hf.models import runner_for
+    from prefixrt.hf.models.gemm import weight_out_in
+
+    runner = runner_for(model, gemm)
+    modules = runner.linears()  # the blocks' GEMMs, the LM head last
+    head, blocks = modules[-1], modules[:-1]
+    rows, device, dtype = workload.rows, runner.device, runner.dtype
 
     def step(tokens: int):
-        inputs = [torch.randn(tokens, w.shape[0], dtype=w.dtype, device=device) for w in weights]
-        head_in = torch.randn(
-            rows, head.shape[0], dtype=head.dtype, device=device
-        )  # logits of the last tokens
-        return lambda: [x @ w for x, w in zip(inputs, weights, strict=True)] + [head_in @ head]
+        inputs = [torch.randn(tokens, weight_out_in(m).shape[1], dtype=dtype, device=device) for m in blocks]
+        head_in = torch.randn(rows, weight_out_in(head).shape[1], dtype=dtype, device=device)  # last tokens
+        return lambda: (
+            [runner.gemm(m, x) for m, x in zip(blocks, inputs, strict=True)] + [runner.gemm(head, head_in)]
+        )
 
     repeats = 4
     with torch.no_grad():

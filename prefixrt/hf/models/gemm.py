@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["GEMM_KINDS", "Gemms", "gemms_for", "release_gemms", "resolve_gemm"]
+__all__ = ["GEMM_KINDS", "Gemms", "gemms_for", "release_gemms", "resolve_gemm", "weight_out_in"]
 
 GEMM_KINDS = ("auto", "packed", "plain")
 
@@ -62,7 +62,7 @@ def resolve_gemm(kind: str, device: torch.device, dtype: torch.dtype) -> str:
     return kind
 
 
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
+def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The module's weight as ``[out, in]``: ``nn.Linear`` stores it so, GPT-2's ``Conv1D`` as ``[in, out]``."""
     if isinstance(module, nn.Linear):
         return module.weight
@@ -95,7 +95,7 @@ class _PackedLinear:
     """``x [..., in] -> act(x @ W^T + b) [..., out]`` through oneDNN on ``W`` reordered once."""
 
     def __init__(self, module: nn.Module):
-        weight = _weight_out_in(module).detach()
+        weight = weight_out_in(module).detach()
         self.out_features = weight.shape[0]
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
         bias = getattr(module, "bias", None)
