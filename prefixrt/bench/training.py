@@ -2,7 +2,8 @@
 
 Workload: a model of real size with seeded random weights (GPT-2-small, or BART-base with prefixes at all three
 sites), ``tasks x rows_per_task`` rows of ``seq_len`` random tokens (BART: sources and targets of that length),
-dropout on as in the model's config (0.1), the paper's MLP reparameterization (``mid_dim`` 512), AdamW.
+dropout on as in the model's config (0.1), the paper's MLP reparameterization (``mid_dim`` 512), AdamW (torch's
+fused kernel, as ``prefixrt train`` and HF's Trainer use it).
 
 Arms (same model, same rows):
 
@@ -114,7 +115,7 @@ def _prefixrt(model, workload: TrainWorkload, backend: str) -> dict:
     tuner.train()
     batch = _batch(workload, model.config.vocab_size)
     prefix_ids = torch.arange(workload.rows) // workload.rows_per_task
-    optimizer = torch.optim.AdamW(tuner.parameters(), lr=workload.lr)
+    optimizer = torch.optim.AdamW(tuner.parameters(), lr=workload.lr, fused=True)  # as prefixrt train
     tuner.attach(model, backend=backend)
     try:
         spec = next(iter(tuner.spec.sites.values()))
@@ -158,7 +159,7 @@ def _peft(model, workload: TrainWorkload) -> dict:
         params = [p for n, p in peft_model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")]
         for p in params:
             p.requires_grad_(True)
-        optimizers[name] = torch.optim.AdamW(params, lr=workload.lr)
+        optimizers[name] = torch.optim.AdamW(params, lr=workload.lr, fused=True)  # HF Trainer's default
     batch = _batch(workload, model.config.vocab_size)
 
     def step():

@@ -67,6 +67,24 @@ def _load() -> float:
         return float("nan")
 
 
+def environment(threads: int | None = None) -> dict:
+    """What every benchmark report says about where it ran: CPU, threads, versions, commit, date, platform."""
+    import datetime
+
+    import torch
+
+    return {
+        "cpu": cpu_name(),
+        "threads": threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": sys.version.split()[0],
+        "prefixrt_commit": _commit(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bench == "train":
         from prefixrt.commands import bench_train

@@ -13,12 +13,9 @@ table, writes JSON (device, versions, commit, date, load average, figures, targe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -88,19 +85,12 @@ def _decode_backend(bank, backend: str) -> str:
 def _environment(args) -> dict:
     import torch
 
-    from prefixrt.commands.bench import _commit, cpu_name
+    from prefixrt.commands.bench import environment
 
     return {
-        "cpu": cpu_name(),
+        **environment(),
         "device": args.device,
         "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": sys.version.split()[0],
-        "prefixrt_commit": _commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
         "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
     }
 

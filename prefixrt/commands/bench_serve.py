@@ -19,11 +19,8 @@ versions, commit, date, load average, figures, targets) and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 import tempfile
 from pathlib import Path
 
@@ -90,7 +87,8 @@ def _workload(args, vocab: int):
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from prefixrt.commands.bench import _commit, _load, cpu_name
+    from prefixrt.commands.bench import _load
+    from prefixrt.commands.bench import environment as bench_environment
     from prefixrt.commands.serve import load
     from prefixrt.serve.bench import ServerProcess, fetch_tokens, offline_engine, run_level
 
@@ -106,17 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model, tokenizer, served = load(options)
     bank = _bank(model, args)
     levels = _workload(args, model.config.vocab_size)
-    environment = {
-        "cpu": cpu_name(),
-        "threads": args.threads or torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": sys.version.split()[0],
-        "prefixrt_commit": _commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "load_before": _load(),
-    }
+    environment = {**bench_environment(args.threads), "load_before": _load()}
     check = [next(r for r in levels[max(levels)] if r.model == f"prefix{p}") for p in range(args.prefixes)]
     check = check[: min(len(check), 4)]
     engine_sizes = dict(max_prompt_tokens=args.prompt_len, max_new_tokens=args.new_tokens)

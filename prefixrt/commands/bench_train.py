@@ -7,9 +7,6 @@ targets) and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import sys
 from pathlib import Path
 
 # The targets on a 2-core CPU: prefixrt at least PEFT's tokens/s, and within 10% of the frozen base.
@@ -50,24 +47,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from prefixrt.bench.training import TrainWorkload, run_arm
-    from prefixrt.commands.bench import _commit, _load, cpu_name
+    from prefixrt.commands.bench import _load
+    from prefixrt.commands.bench import environment as bench_environment
 
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = args.prefix_lengths or [{"gpt2": 10, "bart": 200}[m] for m in args.models]
     if len(lengths) != len(args.models):
         raise SystemExit("prefixrt bench train: give one --prefix-lengths value per --models entry")
-    environment = {
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "peft": __import__("peft").__version__,
-        "python": sys.version.split()[0],
-        "prefixrt_commit": _commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-    }
+    environment = {**bench_environment(), "peft": __import__("peft").__version__}
     results, summary = [], []
     for model_kind, prefix_len in zip(args.models, lengths, strict=True):
         workload = TrainWorkload(
