@@ -11,6 +11,9 @@ Arms (same model, same rows):
   step (what ``prefixrt train`` runs);
 * ``peft`` -- HF PEFT's own prefix tuning, one adapter per task, one task per step (``tasks`` steps of
   ``rows_per_task`` rows make one step of the same rows): PEFT cannot mix prefixes in a batch;
+* ``prefixrt_peft_sites`` -- BART only: prefixrt on the sites PEFT trains (decoder self-attention and
+  cross-attention; PEFT puts no prefix on the encoder, so its backward never runs through the encoder): the same
+  work as ``peft``, mixed;
 * ``frozen_base`` -- the frozen model without any prefix on the same batch, backpropagated to its input
   embeddings: the floor (a prefix's gradient needs the backward through every layer; only the prefix work is
   missing).
@@ -26,9 +29,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["ARMS", "TrainWorkload", "build_model", "run_arm"]
+__all__ = ["ARMS", "PEFT_SITES", "TrainWorkload", "build_model", "run_arm"]
 
-ARMS = ("prefixrt", "peft", "frozen_base")
+ARMS = ("prefixrt", "peft", "frozen_base", "prefixrt_peft_sites")
+PEFT_SITES = {
+    "bart": ("decoder", "cross")
+}  # the sites PEFT's prefix tuning trains, where they differ from ours
 
 
 @dataclass(frozen=True)
@@ -103,14 +109,18 @@ def _timed(step, workload: TrainWorkload) -> dict:
     }
 
 
-def _prefixrt(model, workload: TrainWorkload, backend: str) -> dict:
+def _prefixrt(model, workload: TrainWorkload, backend: str, sites=None) -> dict:
     import prefixrt
     from prefixrt.hf import binding_of
     from prefixrt.ops import AttentionCall, select_backend
 
     names = [f"task{i}" for i in range(workload.tasks)]
     tuner = prefixrt.PrefixTuner(
-        model, dict.fromkeys(names, workload.prefix_len), mid_dim=workload.mid_dim, seed=workload.seed
+        model,
+        dict.fromkeys(names, workload.prefix_len),
+        mid_dim=workload.mid_dim,
+        seed=workload.seed,
+        sites=sites,
     )
     tuner.train()
     batch = _batch(workload, model.config.vocab_size)
@@ -202,6 +212,12 @@ def run_arm(name: str, workload: TrainWorkload, backend: str = "auto") -> dict:
     torch.manual_seed(workload.seed)
     if name == "prefixrt":
         return _prefixrt(model, workload, backend)
+    if name == "prefixrt_peft_sites":
+        if workload.model not in PEFT_SITES:
+            raise ValueError(
+                f"prefixrt_peft_sites is for {sorted(PEFT_SITES)}: on {workload.model} it is prefixrt"
+            )
+        return _prefixrt(model, workload, backend, sites=PEFT_SITES[workload.model])
     if name == "peft":
         return _peft(model, workload)
     if name == "frozen_base":
