@@ -1,11 +1,13 @@
-"""Helpers for the whole-model backend tests (this module holds no tests): run a model attached through the
-reference backend and through a kernel backend, and compare."""
+"""Helpers for the whole-model tests (this module holds no tests): run a model attached through the reference
+backend and through a kernel backend, and compare; the tolerances of an attached model's logits."""
 
 import torch
 
 import prefixrt
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# An attached model's logits against the same model computed another way (PEFT's forward, text then input).
+LOGITS_TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
 
 def on_both_backends(model, bank, run, backend: str) -> list:

@@ -72,3 +72,15 @@ def left_padded(lengths, total: int, seed: int = 0, pad: int = 1):
         mask[row, total - n :] = 1
         ids[row, : total - n] = pad
     return ids, mask
+
+
+def left_padded_prompts(prompts, pad: int = 1):
+    """(input_ids, attention_mask) of the given 1-D prompts, left-padded with ``pad`` to the longest one (as
+    ``generate`` wants)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
