@@ -103,6 +103,42 @@ inline Dropout make_dropout(bool on, int64_t seed, int64_t offset, int64_t thres
   return d;
 }
 
+// What both kernels read of one call: its sizes, mask options, ids and offsets, the strides of
+// q, k, v [B, H, T, D] and of bank_k, bank_v [H, S, D], and the dropout. The strides are views of
+// the tensors of `in`, which must outlive them.
+struct CallArgs {
+  int64_t B, H, Tq, Tk, D;
+  float scale;
+  bool causal;
+  const int64_t* ids;
+  const int64_t* offsets;
+  const bool* key_padding_mask;  // [B, Tk] contiguous, or null
+  at::IntArrayRef qs, ks, vs, bks, bvs;
+  Dropout drop;
+};
+
+inline CallArgs make_call_args(const Inputs& in, double scale, bool causal, bool dropout,
+                               int64_t seed, int64_t offset, int64_t threshold,
+                               double dropout_scale) {
+  return CallArgs{in.q.size(0),
+                  in.q.size(1),
+                  in.q.size(2),
+                  in.k.size(2),
+                  in.q.size(3),
+                  static_cast<float>(scale),
+                  causal,
+                  in.ids.data_ptr<int64_t>(),
+                  in.offsets.data_ptr<int64_t>(),
+                  in.kpm.defined() ? in.kpm.data_ptr<bool>() : nullptr,
+                  in.q.strides(),
+                  in.k.strides(),
+                  in.v.strides(),
+                  in.bank_k.strides(),
+                  in.bank_v.strides(),
+                  make_dropout(dropout, seed, offset, threshold, dropout_scale,
+                               in.bank_k.size(1), in.k.size(2))};
+}
+
 // Calls fn(T{}) with T = float, c10::BFloat16 or c10::Half.
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, const char* name, Fn&& fn) {

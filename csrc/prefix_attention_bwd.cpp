@@ -30,15 +30,9 @@ namespace {
 
 constexpr int64_t kBwdRows = 64;  // query rows per block
 
-struct BwdArgs {
-  int64_t B, H, Tq, Tk, D, S;  // S: bank rows
-  float scale;
-  bool causal;
-  const int64_t* ids;
-  const int64_t* offsets;
-  const bool* key_padding_mask;
-  at::IntArrayRef qs, ks, vs, bks, bvs, dos, os;  // strides (out and dout [B, H, Tq, D])
-  Dropout drop;
+struct BwdArgs : CallArgs {
+  int64_t S;                         // bank rows
+  at::IntArrayRef dos, os;           // strides of dout and out [B, H, Tq, D]
   bool need_dq, need_kv, need_bank;  // dq; dk and dv; dbank_k and dbank_v
 };
 
@@ -283,29 +277,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   auto dbank_v = need_bank ? at::zeros(in.bank_v.sizes(), in.bank_v.options()) : none(in.bank_v);
   if (B == 0 || H == 0 || D == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dbank_k, dbank_v};
 
-  const BwdArgs args{B,
-                     H,
-                     Tq,
-                     in.k.size(2),
-                     D,
-                     in.bank_k.size(1),
-                     static_cast<float>(scale),
-                     causal,
-                     in.ids.data_ptr<int64_t>(),
-                     in.offsets.data_ptr<int64_t>(),
-                     in.kpm.defined() ? in.kpm.data_ptr<bool>() : nullptr,
-                     in.q.strides(),
-                     in.k.strides(),
-                     in.v.strides(),
-                     in.bank_k.strides(),
-                     in.bank_v.strides(),
-                     dout.strides(),
-                     out.strides(),
-                     make_dropout(dropout, seed, offset, threshold, dropout_scale,
-                                  in.bank_k.size(1), in.k.size(2)),
-                     need_dq,
-                     need_kv,
-                     need_bank};
+  const BwdArgs args{
+      make_call_args(in, scale, causal, dropout, seed, offset, threshold, dropout_scale),
+      in.bank_k.size(1),
+      dout.strides(),
+      out.strides(),
+      need_dq,
+      need_kv,
+      need_bank};
   dispatch_dtype(in.q.scalar_type(), "prefix_attention_backward", [&](auto tag) {
     using T = decltype(tag);
     backward_kernel<T>(args, dout.data_ptr<T>(), in.q.data_ptr<T>(), in.k.data_ptr<T>(),

@@ -17,20 +17,8 @@
 namespace prefixrt {
 namespace {
 
-struct FwdArgs {
-  int64_t B, H, Tq, Tk, D;
-  float scale;
-  bool causal;
-  const int64_t* ids;
-  const int64_t* offsets;
-  const bool* key_padding_mask;  // [B, Tk] contiguous, or null
-  // strides of q, k, v [B, H, T, D] and of bank_k, bank_v [H, S, D]
-  at::IntArrayRef qs, ks, vs, bks, bvs;
-  Dropout drop;
-};
-
 template <typename T>
-void forward_kernel(const FwdArgs& a, const T* q, const T* k, const T* v, const T* bank_k,
+void forward_kernel(const CallArgs& a, const T* q, const T* k, const T* v, const T* bank_k,
                     const T* bank_v, T* out, float* lse) {
   const int64_t tile_rows =
       choose_tile_rows(a.ids, a.B, a.Tq, a.H, static_cast<int64_t>(at::get_num_threads()));
@@ -108,23 +96,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
   auto lse = at::empty({B, H, Tq}, in.q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<float>::infinity())};
 
-  const FwdArgs args{B,
-                     H,
-                     Tq,
-                     in.k.size(2),
-                     D,
-                     static_cast<float>(scale),
-                     causal,
-                     in.ids.data_ptr<int64_t>(),
-                     in.offsets.data_ptr<int64_t>(),
-                     in.kpm.defined() ? in.kpm.data_ptr<bool>() : nullptr,
-                     in.q.strides(),
-                     in.k.strides(),
-                     in.v.strides(),
-                     in.bank_k.strides(),
-                     in.bank_v.strides(),
-                     make_dropout(dropout, seed, offset, threshold, dropout_scale,
-                                  in.bank_k.size(1), in.k.size(2))};
+  const CallArgs args =
+      make_call_args(in, scale, causal, dropout, seed, offset, threshold, dropout_scale);
   dispatch_dtype(in.q.scalar_type(), "prefix_attention_forward", [&](auto tag) {
     using T = decltype(tag);
     forward_kernel<T>(args, in.q.data_ptr<T>(), in.k.data_ptr<T>(), in.v.data_ptr<T>(),

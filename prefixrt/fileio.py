@@ -1,5 +1,5 @@
-"""Atomic file writes (a reader never sees a half-written bank, checkpoint or report), and the checked read of
-the tagged safetensors files that banks and checkpoints are."""
+"""Atomic file writes (a reader never sees a half-written bank, checkpoint or report), and the tagged safetensors
+files that banks and checkpoints are: written atomically, read with checks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,17 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_tagged_safetensors"]
+__all__ = [
+    "TaggedSafetensors",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "read_tagged_safetensors",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
@@ -78,3 +85,35 @@ def read_tagged_safetensors(
             f"this prefixrt reads version {format_version}"
         )
     return metadata, tensors
+
+
+@dataclass(frozen=True)
+class TaggedSafetensors:
+    """One of prefixrt's safetensors file formats: metadata ``format=name`` and ``version=version``; ``error``,
+    ``missing``, ``kind`` and ``version_kind`` say what :func:`read_tagged_safetensors` raises for a bad file."""
+
+    name: str
+    version: str
+    error: type[Exception]
+    missing: str
+    kind: str
+    version_kind: str
+
+    def write(self, path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+        """Write ``tensors`` to ``path`` atomically, with ``metadata`` after the format's two tags."""
+        from safetensors.torch import save_file
+
+        tagged = {"format": self.name, "version": self.version, **metadata}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=tagged))
+
+    def read(self, path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        """``(metadata, tensors)`` of a file of this format; raises ``error`` as :func:`read_tagged_safetensors`."""
+        return read_tagged_safetensors(
+            path,
+            self.name,
+            self.version,
+            self.error,
+            missing=self.missing,
+            kind=self.kind,
+            version_kind=self.version_kind,
+        )

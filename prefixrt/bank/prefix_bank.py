@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prefixrt.bank.spec import ModelSpec
-from prefixrt.fileio import atomic_write, read_tagged_safetensors
+from prefixrt.fileio import TaggedSafetensors
 
 __all__ = ["PrefixBank", "BankFileError"]
 
@@ -36,6 +36,11 @@ FORMAT_VERSION = "1"
 
 class BankFileError(ValueError):
     """A bank file is missing, corrupt, or was written by something else."""
+
+
+_BANK_FILE = TaggedSafetensors(
+    FORMAT_NAME, FORMAT_VERSION, BankFileError, missing="bank file", kind="bank", version_kind="bank"
+)
 
 
 class PrefixBank(nn.Module):
@@ -299,8 +304,6 @@ class PrefixBank(nn.Module):
     # -- files --------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the bank to one safetensors file (atomically: a temp file renamed over ``path``)."""
-        from safetensors.torch import save_file
-
         tensors, entries = {}, []
         for slot, name in enumerate(self._slots):
             if name is None:
@@ -311,13 +314,11 @@ class PrefixBank(nn.Module):
                 tensors[f"{slot}.{site}"] = tensor.contiguous().cpu()
             entries.append({"id": slot, "name": name, "lengths": lengths})
         metadata = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
             "spec": self.spec.to_json(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "entries": json.dumps(entries),
         }
-        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        _BANK_FILE.write(path, tensors, metadata)
 
     @classmethod
     def load(
@@ -328,15 +329,7 @@ class PrefixBank(nn.Module):
     ) -> PrefixBank:
         """Read a bank written by :meth:`save`; raises :class:`BankFileError` for a missing or corrupt file."""
         path = Path(path)
-        metadata, tensors = read_tagged_safetensors(
-            path,
-            FORMAT_NAME,
-            FORMAT_VERSION,
-            BankFileError,
-            missing="bank file",
-            kind="bank",
-            version_kind="bank",
-        )
+        metadata, tensors = _BANK_FILE.read(path)
         try:
             spec = ModelSpec.from_json(metadata["spec"])
             entries = json.loads(metadata["entries"])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchRequest", "ServerProcess", "level_summary", "offline_engine", "run_level"]
+__all__ = ["BenchRequest", "ServerProcess", "level_summary", "offline_engine", "run_level", "stop_process"]
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,18 @@ def offline_engine(model, bank, requests: list[BenchRequest], concurrency: int, 
     }
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """End ``proc`` by its PID if it still runs: SIGTERM, then SIGKILL when it has not exited after ``timeout``
+    seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 class ServerProcess:
     """``python -m prefixrt serve ARGS --port 0`` as a subprocess (its output in ``log``), ready once
     ``/health`` answers; :meth:`stop` terminates it by its PID (then kills it after a timeout)."""
@@ -228,13 +240,7 @@ class ServerProcess:
         raise RuntimeError(f"prefixrt serve was not ready within {timeout} s:\n{self.log.read_text()}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
         self._out.close()
 
     def __enter__(self) -> ServerProcess:

@@ -21,6 +21,11 @@ __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics"]
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def _latency_histogram(name: str, documentation: str, registry: CollectorRegistry) -> Histogram:
+    """A histogram of seconds in ``registry``, on the latency buckets (1 ms to 60 s)."""
+    return Histogram(name, documentation, registry=registry, buckets=_LATENCY_BUCKETS)
+
+
 class ServeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -38,23 +43,18 @@ class ServeMetrics:
             "prefixrt_kv_pool_usage_ratio", "Fraction of the K/V pool's rows in use (0 to 1).", registry=r
         )
         self.prefixes = Gauge("prefixrt_num_prefixes", "Prefixes in the bank.", registry=r)
-        self.ttft = Histogram(
+        self.ttft = _latency_histogram(
             "prefixrt_time_to_first_token_seconds",
             "From the HTTP request's arrival to its first generated token.",
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
+            r,
         )
-        self.itl = Histogram(
-            "prefixrt_inter_token_latency_seconds",
-            "Between two tokens of one request.",
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
+        self.itl = _latency_histogram(
+            "prefixrt_inter_token_latency_seconds", "Between two tokens of one request.", r
         )
-        self.e2e = Histogram(
+        self.e2e = _latency_histogram(
             "prefixrt_e2e_request_latency_seconds",
             "From the HTTP request's arrival to its request's end (finished, stopped, aborted or failed).",
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
+            r,
         )
         self.generation_tokens = Counter(
             "prefixrt_generation_tokens", "Tokens generated (every request).", registry=r

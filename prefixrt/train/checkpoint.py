@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from prefixrt.bank.spec import ModelSpec
-from prefixrt.fileio import atomic_write, read_tagged_safetensors
+from prefixrt.fileio import TaggedSafetensors
 from prefixrt.train.tuner import PrefixTuner
 
 __all__ = ["CheckpointError", "TrainCheckpoint", "load_checkpoint", "load_tuner", "save_checkpoint"]
@@ -49,6 +49,16 @@ FORMAT_VERSION = "1"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, written by something else, or does not match the run resuming it."""
+
+
+_CHECKPOINT_FILE = TaggedSafetensors(
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CheckpointError,
+    missing="training checkpoint",
+    kind="training checkpoint",
+    version_kind="checkpoint",
+)
 
 
 @dataclass
@@ -152,8 +162,6 @@ def save_checkpoint(
     ``tuner`` is the :class:`PrefixTuner` of a prefix-tuning run, or the model of a fine-tuning run (its
     ``named_parameters()`` are saved, tied weights once).
     """
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(tuner, PrefixTuner):
         kind, spec, tuner_config = "prefix", tuner.spec, tuner.config()
@@ -187,8 +195,6 @@ def save_checkpoint(
             tensors[f"rng/cuda/{d}"] = state
 
     metadata = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
         "kind": kind,
         "spec": spec.to_json(),
         "tuner": json.dumps(tuner_config),
@@ -196,21 +202,13 @@ def save_checkpoint(
         "scheduler": json.dumps(scheduler_meta),
         "trainer": json.dumps(trainer or {}),
     }
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _CHECKPOINT_FILE.write(path, tensors, metadata)
 
 
 def load_checkpoint(path: str | os.PathLike) -> TrainCheckpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError` when it is not one."""
     path = Path(path)
-    metadata, tensors = read_tagged_safetensors(
-        path,
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        CheckpointError,
-        missing="training checkpoint",
-        kind="training checkpoint",
-        version_kind="checkpoint",
-    )
+    metadata, tensors = _CHECKPOINT_FILE.read(path)
     try:
         spec = ModelSpec.from_json(metadata["spec"])
         tuner_config = json.loads(metadata["tuner"])

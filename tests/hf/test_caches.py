@@ -28,22 +28,22 @@ REFUSED = {
 }
 
 
-def _gpt2_setup(backend="auto"):
-    model = tiny_gpt2()
+def _attached_setup(model, seed: int, backend: str):
+    """``model`` attached to a bank of three prefixes, and four left-padded rows (one without a prefix):
+    ``(model, ids, mask, prefix_ids)``."""
     bank = random_bank(model, {"short": 3, "long": 17, "other": 5})
     prefixrt.attach(model, bank, backend=backend)
-    ids, mask = left_padded([7, 9, 4, 6], 9, seed=11)
+    ids, mask = left_padded([7, 9, 4, 6], 9, seed=seed)
     prefix_ids = bank.ids(["long", None, "short", "other"])
     return model, ids, mask, prefix_ids
+
+
+def _gpt2_setup(backend="auto"):
+    return _attached_setup(tiny_gpt2(), 11, backend)
 
 
 def _bart_setup(backend="auto"):
-    model = tiny_bart()
-    bank = random_bank(model, {"short": 3, "long": 17, "other": 5})
-    prefixrt.attach(model, bank, backend=backend)
-    ids, mask = left_padded([7, 9, 4, 6], 9, seed=12)
-    prefix_ids = bank.ids(["long", None, "short", "other"])
-    return model, ids, mask, prefix_ids
+    return _attached_setup(tiny_bart(), 12, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])

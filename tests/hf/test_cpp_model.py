@@ -4,8 +4,11 @@
 import pytest
 import torch
 from support.cpp_cases import TOLERANCES, cpp_kernels, one_thread  # noqa: F401  (fixtures)
-from support.model_compare import NO_DROPOUT, bank_grads
-from support.model_compare import close as close_to
+from support.model_compare import (
+    NO_DROPOUT,
+    assert_bart_logits_and_grads_match,
+    assert_gpt2_logits_and_grads_match,
+)
 from support.model_compare import on_both_backends as compare_backends
 from support.tiny import left_padded, random_bank, random_ids, tiny_bart, tiny_gpt2
 
@@ -22,10 +25,6 @@ def on_both_backends(model, bank, run):
     return compare_backends(model, bank, run, "cpp")
 
 
-def close(a, b, tol=MODEL_TOL):
-    close_to(a, b, tol)
-
-
 @pytest.fixture
 def gpt2():
     model = tiny_gpt2(n_positions=512, **NO_DROPOUT)  # positions continue after a 200-token prefix
@@ -39,22 +38,7 @@ def test_gpt2_logits_and_prefix_gradients(gpt2):
     ids, mask = left_padded([8, 5, 7, 8, 2], 8, seed=1)
     ids, mask = ids.flip(1), mask.flip(1)  # right padding, as in training
     prefix_ids = bank.ids(["b", "a", None, "long", "b"])
-
-    def run(m):
-        logits = m(ids, attention_mask=mask, prefix_ids=prefix_ids).logits
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-        )
-        return logits.detach(), bank_grads(bank, loss)
-
-    (ref_logits, ref_grads), (logits, grads) = on_both_backends(model, bank, run)
-    real = mask.bool()
-    close(logits[real], ref_logits[real])
-    close(grads["decoder"], ref_grads["decoder"])
-    unused = bank.id_of("unused")
-    span = slice(int(bank.offsets("decoder")[unused]), int(bank.offsets("decoder")[unused + 1]))
-    assert not grads["decoder"][:, :, :, span].any()
+    assert_gpt2_logits_and_grads_match(model, bank, "cpp", ids, mask, prefix_ids, MODEL_TOL, MODEL_TOL)
 
 
 def test_gpt2_greedy_tokens(gpt2):
@@ -82,16 +66,9 @@ def test_bart_logits_and_prefix_gradients(bart):
     src, src_mask = src.flip(1), src_mask.flip(1)
     dec = random_ids(4, 5, seed=4)
     prefix_ids = bank.ids(["t2t", "sum", None, "long"])
-
-    def run(m):
-        logits = m(src, attention_mask=src_mask, decoder_input_ids=dec, prefix_ids=prefix_ids).logits
-        return logits.detach(), bank_grads(bank, logits.square().mean())
-
-    (ref_logits, ref_grads), (logits, grads) = on_both_backends(model, bank, run)
-    close(logits, ref_logits)
-    for site in ("encoder", "decoder", "cross"):
-        assert ref_grads[site].abs().sum() > 0, site
-        close(grads[site], ref_grads[site])
+    assert_bart_logits_and_grads_match(
+        model, bank, "cpp", src, src_mask, dec, prefix_ids, MODEL_TOL, MODEL_TOL
+    )
 
 
 def test_bart_greedy_tokens(bart):

@@ -14,27 +14,21 @@ tokens only). With transformers 5.17 PEFT's generate and ours give the same toke
 """
 
 import json
-import warnings
 
 import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from support.tiny import random_ids, random_kv, tiny_bart, tiny_gpt2
+from support.generation import greedy_generate_attached
+from support.model_compare import LOGITS_TOL as TOL
+from support.tiny import left_padded_prompts, random_ids, random_kv, tiny_bart, tiny_gpt2
 
 import prefixrt
 from prefixrt import PrefixBank
 from prefixrt.bank.peft_io import PeftAdapterError, peft_layer_map, read_peft_prefix
 
 BACKEND = "reference"
-TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def peft_gpt2(
@@ -73,6 +67,19 @@ def peft_bart(seed: int, num_virtual_tokens: int, layers: int = 3, **model_kwarg
 def saved(peft_model, path):
     peft_model.save_pretrained(str(path))
     return path
+
+
+def two_adapters_and_the_base(tmp_path):
+    """PEFT adapters ``"a"`` (P=3) and ``"b"`` (P=17) over tiny_gpt2, saved and read into the bank of a fresh
+    tiny_gpt2: ``(model, bank, references)``, ``references`` mapping a name (None: no prefix) to the model whose
+    forward it must equal."""
+    peft_a = peft_gpt2(1, 3)
+    peft_b = peft_gpt2(2, 17)
+    model = tiny_gpt2()
+    bank = PrefixBank.for_model(model)
+    bank.add_peft("a", saved(peft_a, tmp_path / "a"))
+    bank.add_peft("b", saved(peft_b, tmp_path / "b"))
+    return model, bank, {"a": peft_a, "b": peft_b, None: model}
 
 
 def padded(batch: int, length: int, padding: str, seed: int = 0):
@@ -155,12 +162,7 @@ def test_prefix_projection_adapter_holds_the_projected_kv(tmp_path):
 
 
 def test_mixed_batch_of_two_adapters_and_no_prefix_matches_each_model(tmp_path):
-    peft_a = peft_gpt2(1, 3)
-    peft_b = peft_gpt2(2, 17)
-    model = tiny_gpt2()
-    bank = PrefixBank.for_model(model)
-    bank.add_peft("a", saved(peft_a, tmp_path / "a"))
-    bank.add_peft("b", saved(peft_b, tmp_path / "b"))
+    model, bank, references = two_adapters_and_the_base(tmp_path)
     names = ["b", None, "a", "a", "b"]
     ids, mask = padded(5, 8, "left", seed=3)
     mask[2, -3:] = 1  # one more row with its own padding
@@ -171,7 +173,7 @@ def test_mixed_batch_of_two_adapters_and_no_prefix_matches_each_model(tmp_path):
         out = model(ids, attention_mask=mask, prefix_ids=bank.ids(names)).logits
     prefixrt.detach(model)
     for row, name in enumerate(names):
-        reference = {"a": peft_a, "b": peft_b, None: model}[name]
+        reference = references[name]
         with torch.no_grad():
             expected = reference(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits[0]
         real = mask[row].bool()
@@ -179,34 +181,15 @@ def test_mixed_batch_of_two_adapters_and_no_prefix_matches_each_model(tmp_path):
 
 
 def test_mixed_batch_generate_equals_greedy_over_peft_forward(tmp_path):
-    peft_a = peft_gpt2(1, 3)
-    peft_b = peft_gpt2(2, 17)
-    model = tiny_gpt2()
-    bank = PrefixBank.for_model(model)
-    bank.add_peft("a", saved(peft_a, tmp_path / "a"))
-    bank.add_peft("b", saved(peft_b, tmp_path / "b"))
+    model, bank, references = two_adapters_and_the_base(tmp_path)
     prompts = [random_ids(1, n, seed=10 + n)[0] for n in (6, 3, 5)]
     names = ["a", "b", None]
-    width = max(len(p) for p in prompts)
-    ids = torch.ones(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):  # left padding, as generate wants
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_padded_prompts(prompts)
+    width = ids.shape[1]
     steps = 6
-    prefixrt.attach(model, bank, backend=BACKEND)
-    generated = model.generate(
-        ids,
-        attention_mask=mask,
-        prefix_ids=bank.ids(names),
-        max_new_tokens=steps,
-        do_sample=False,
-        pad_token_id=1,
-    )
-    prefixrt.detach(model)
+    generated = greedy_generate_attached(model, bank, ids, mask, names, steps, backend=BACKEND)
     for row, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
-        reference = {"a": peft_a, "b": peft_b, None: model}[name]
-        expected = greedy_with_forward(lambda x, m=reference: m(input_ids=x), prompt[None], steps)[0]
+        expected = greedy_with_forward(lambda x, m=references[name]: m(input_ids=x), prompt[None], steps)[0]
         assert generated[row, width - len(prompt) :].tolist() == expected.tolist(), (row, name)
 
 
@@ -226,12 +209,8 @@ def test_left_padded_generate_vs_peft_generate(tmp_path):
     peft_model = peft_gpt2(1, 5)
     path = saved(peft_model, tmp_path / "a")
     prompts = [random_ids(1, n, seed=40 + n)[0] for n in (6, 3)]
-    width = 6
-    ids = torch.ones(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_padded_prompts(prompts)
+    width = ids.shape[1]
     expected = peft_model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1
     )

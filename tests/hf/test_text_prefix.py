@@ -3,25 +3,18 @@ model. GPT-2: an attached model with the text prefix on ``x`` equals the base mo
 positions (forward, padded mixed batches, greedy generate). BART: each site equals the K/V recomputed from the
 model's hidden states, and the decoder site equals feeding the text to the decoder first."""
 
-import warnings
-
 import pytest
 import torch
-from support.tiny import VOCAB, random_ids, tiny_bart, tiny_gpt2
+from support.generation import greedy_generate_attached
+from support.model_compare import LOGITS_TOL as TOL
+from support.tiny import VOCAB, left_padded_prompts, random_ids, tiny_bart, tiny_gpt2
 
 import prefixrt
 from prefixrt import PrefixBank
 from prefixrt.hf.text_prefix import add_text_prefix, text_prefix_kv
 
 BACKEND = "reference"
-TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 class CharTokenizer:
@@ -55,25 +48,21 @@ def test_gpt2_text_prefix_equals_text_then_input(text_length, form, dtype):
     torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
-def _left_padded(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.ones(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
+def _bank_of_texts(model, texts: dict) -> PrefixBank:
+    """A bank for ``model`` holding one text prefix per ``name -> token ids`` of ``texts``."""
+    bank = PrefixBank.for_model(model)
+    for name, text in texts.items():
+        add_text_prefix(bank, name, text, model)
+    return bank
 
 
 def test_gpt2_mixed_padded_batch_equals_each_text_then_input():
     model = tiny_gpt2()
     texts = {"t5": random_ids(1, 5, seed=3)[0], "t17": random_ids(1, 17, seed=4)[0]}
-    bank = PrefixBank.for_model(model)
-    for name, text in texts.items():
-        add_text_prefix(bank, name, text, model)
+    bank = _bank_of_texts(model, texts)
     names = ["t17", None, "t5", "t17"]
     prompts = [random_ids(1, n, seed=20 + n)[0] for n in (4, 7, 2, 7)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_prompts(prompts)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding-aware positions, as generate passes them
     prefixrt.attach(model, bank, backend=BACKEND)
     with torch.no_grad():
@@ -89,23 +78,12 @@ def test_gpt2_mixed_padded_batch_equals_each_text_then_input():
 def test_gpt2_generate_with_text_prefix_equals_generate_on_text_then_prompt():
     model = tiny_gpt2()
     texts = {"a": random_ids(1, 6, seed=5)[0], "b": random_ids(1, 3, seed=6)[0]}
-    bank = PrefixBank.for_model(model)
-    for name, text in texts.items():
-        add_text_prefix(bank, name, text, model)
+    bank = _bank_of_texts(model, texts)
     names = ["a", "b", None]
     prompts = [random_ids(1, n, seed=30 + n)[0] for n in (5, 2, 4)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded_prompts(prompts)
     steps = 6
-    prefixrt.attach(model, bank, backend=BACKEND)
-    generated = model.generate(
-        ids,
-        attention_mask=mask,
-        prefix_ids=bank.ids(names),
-        max_new_tokens=steps,
-        do_sample=False,
-        pad_token_id=1,
-    )
-    prefixrt.detach(model)
+    generated = greedy_generate_attached(model, bank, ids, mask, names, steps, backend=BACKEND)
     for row, (name, prompt) in enumerate(zip(names, prompts, strict=True)):
         full = torch.cat([texts[name], prompt]) if name else prompt
         expected = model.generate(full[None], max_new_tokens=steps, do_sample=False, pad_token_id=1)
@@ -163,6 +141,12 @@ def _heads(x: torch.Tensor, attention) -> torch.Tensor:
     return x.view(x.shape[1], attention.num_heads, attention.head_dim).transpose(0, 1)
 
 
+def _assert_projections(site_kv: torch.Tensor, attention, hidden: torch.Tensor) -> None:
+    """``site_kv [2, H, T, D]`` is ``attention``'s K and V projections of ``hidden [1, T, C]``."""
+    torch.testing.assert_close(site_kv[0], _heads(attention.k_proj(hidden), attention))
+    torch.testing.assert_close(site_kv[1], _heads(attention.v_proj(hidden), attention))
+
+
 @pytest.mark.parametrize("text_length", [1, 17])
 def test_bart_sites_are_the_k_and_v_of_the_text(text_length):
     model = tiny_bart(encoder_layers=3, decoder_layers=2)
@@ -176,28 +160,10 @@ def test_bart_sites_are_the_k_and_v_of_the_text(text_length):
     with torch.no_grad():
         out = model(input_ids=text, decoder_input_ids=text, output_hidden_states=True)
         for i, layer in enumerate(model.model.encoder.layers):
-            h = out.encoder_hidden_states[i]
-            torch.testing.assert_close(
-                kv["encoder"][i, 0], _heads(layer.self_attn.k_proj(h), layer.self_attn)
-            )
-            torch.testing.assert_close(
-                kv["encoder"][i, 1], _heads(layer.self_attn.v_proj(h), layer.self_attn)
-            )
+            _assert_projections(kv["encoder"][i], layer.self_attn, out.encoder_hidden_states[i])
         for i, layer in enumerate(model.model.decoder.layers):
-            h = out.decoder_hidden_states[i]
-            torch.testing.assert_close(
-                kv["decoder"][i, 0], _heads(layer.self_attn.k_proj(h), layer.self_attn)
-            )
-            torch.testing.assert_close(
-                kv["decoder"][i, 1], _heads(layer.self_attn.v_proj(h), layer.self_attn)
-            )
-            e = out.encoder_last_hidden_state
-            torch.testing.assert_close(
-                kv["cross"][i, 0], _heads(layer.encoder_attn.k_proj(e), layer.encoder_attn)
-            )
-            torch.testing.assert_close(
-                kv["cross"][i, 1], _heads(layer.encoder_attn.v_proj(e), layer.encoder_attn)
-            )
+            _assert_projections(kv["decoder"][i], layer.self_attn, out.decoder_hidden_states[i])
+            _assert_projections(kv["cross"][i], layer.encoder_attn, out.encoder_last_hidden_state)
 
 
 def test_bart_decoder_site_equals_the_text_fed_to_the_decoder_first():

@@ -3,8 +3,11 @@ tokens (tiny GPT-2 and BART, fp32; on CPU the kernels run in Triton's interprete
 
 import pytest
 import torch
-from support.model_compare import NO_DROPOUT, bank_grads
-from support.model_compare import close as close_to
+from support.model_compare import (
+    NO_DROPOUT,
+    assert_bart_logits_and_grads_match,
+    assert_gpt2_logits_and_grads_match,
+)
 from support.model_compare import on_both_backends as compare_backends
 from support.tiny import left_padded, random_bank, random_ids, tiny_bart, tiny_gpt2
 from support.triton_cases import DEVICE, TOLERANCES
@@ -16,10 +19,6 @@ TOL = TOLERANCES[torch.float32]
 def on_both_backends(model, bank, run):
     """``run(model)`` with the bank attached through the reference backend, then through the triton backend."""
     return compare_backends(model, bank, run, "triton")
-
-
-def close(a, b, tol=TOL.out):
-    close_to(a, b, tol)
 
 
 @pytest.fixture
@@ -35,22 +34,7 @@ def test_gpt2_logits_and_prefix_gradients(gpt2):
     ids, mask = left_padded([8, 5, 7, 8], 8, seed=1)
     ids, mask = ids.flip(1).to(DEVICE), mask.flip(1).to(DEVICE)  # right padding, as in training
     prefix_ids = bank.ids(["b", "a", None, "b"], device=DEVICE)
-
-    def run(m):
-        logits = m(ids, attention_mask=mask, prefix_ids=prefix_ids).logits
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-        )
-        return logits.detach(), bank_grads(bank, loss)
-
-    (ref_logits, ref_grads), (logits, grads) = on_both_backends(model, bank, run)
-    real = mask.bool()
-    close(logits[real], ref_logits[real])
-    close(grads["decoder"], ref_grads["decoder"], TOL.grad)
-    unused = bank.id_of("unused")
-    span = slice(int(bank.offsets("decoder")[unused]), int(bank.offsets("decoder")[unused + 1]))
-    assert not grads["decoder"][:, :, :, span].any()
+    assert_gpt2_logits_and_grads_match(model, bank, "triton", ids, mask, prefix_ids, TOL.out, TOL.grad)
 
 
 def test_gpt2_greedy_tokens(gpt2):
@@ -81,16 +65,9 @@ def test_bart_logits_and_prefix_gradients(bart):
     src, src_mask = src.flip(1).to(DEVICE), src_mask.flip(1).to(DEVICE)
     dec = random_ids(3, 5, seed=4).to(DEVICE)
     prefix_ids = bank.ids(["t2t", "sum", None], device=DEVICE)
-
-    def run(m):
-        logits = m(src, attention_mask=src_mask, decoder_input_ids=dec, prefix_ids=prefix_ids).logits
-        return logits.detach(), bank_grads(bank, logits.square().mean())
-
-    (ref_logits, ref_grads), (logits, grads) = on_both_backends(model, bank, run)
-    close(logits, ref_logits)
-    for site in ("encoder", "decoder", "cross"):
-        assert ref_grads[site].abs().sum() > 0, site
-        close(grads[site], ref_grads[site], TOL.grad)
+    assert_bart_logits_and_grads_match(
+        model, bank, "triton", src, src_mask, dec, prefix_ids, TOL.out, TOL.grad
+    )
 
 
 def test_bart_greedy_tokens(bart):

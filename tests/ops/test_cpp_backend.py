@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.cpp_cases import cpp_kernels  # noqa: F401  (fixture)
 
 from prefixrt import ops
 from prefixrt.ops import AttentionCall, explain_backends, select_backend

@@ -6,11 +6,10 @@ import pytest
 import torch
 from support.cpp_cases import (
     DTYPES,
+    GRAD_NAMES,
     TOLERANCES,
     assert_close,
-    cpp_kernels,  # noqa: F401  (fixture)
     make_case,
-    one_thread,  # noqa: F401  (fixture)
     oracle_grads,
     with_mask,
 )
@@ -19,7 +18,6 @@ from prefixrt.ops import prefix_attention
 from prefixrt.ops.cpp.backend import cpp_backward, cpp_forward
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels", "one_thread")
-NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")
 
 
 def cpp_grads(case, dout):
@@ -30,7 +28,9 @@ def cpp_grads(case, dout):
 def check_grads(case, what=""):
     dout = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(7)).to(case.dtype)
     grads = cpp_grads(case, dout)
-    for name, got, want, like in zip(NAMES, grads, oracle_grads(case, dout), case.args()[:5], strict=True):
+    for name, got, want, like in zip(
+        GRAD_NAMES, grads, oracle_grads(case, dout), case.args()[:5], strict=True
+    ):
         assert got.dtype == like.dtype and got.shape == like.shape, name
         assert_close(got, want, TOLERANCES[case.dtype].grad, f"{what} {name}")
     return grads
@@ -78,7 +78,7 @@ def test_backward_is_deterministic():
     case = make_case(batch=8, q_len=9, prefix_ids=[3] * 6 + [2, 3], padding="left")
     dout = torch.randn(case.q.shape)
     first, second = cpp_grads(case, dout), cpp_grads(case, dout)
-    for name, a, b in zip(NAMES, first, second, strict=True):
+    for name, a, b in zip(GRAD_NAMES, first, second, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -92,5 +92,5 @@ def test_gradients_through_the_op(dtype):
         out, _ = prefix_attention(*case.inputs(*leaves), backend=backend)
         (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         results.append([t.grad for t in leaves])
-    for name, got, want in zip(NAMES, results[1], results[0], strict=True):
+    for name, got, want in zip(GRAD_NAMES, results[1], results[0], strict=True):
         assert_close(got, want, TOLERANCES[dtype].grad, name)

@@ -7,11 +7,10 @@ import pytest
 import torch
 from support.cpp_cases import (
     DTYPES,
+    GRAD_NAMES,
     TOLERANCES,
     assert_close,
-    cpp_kernels,  # noqa: F401  (fixture)
     make_case,
-    one_thread,  # noqa: F401  (fixture)
     oracle,
     oracle_grads,
     philox_state,
@@ -20,7 +19,6 @@ from support.cpp_cases import (
 from prefixrt.ops.cpp.backend import cpp_backward, cpp_forward
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels", "one_thread")
-NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")
 ALL = (True,) * 5
 
 
@@ -39,7 +37,7 @@ def check(case, dropout_p, philox=None, needs=ALL):
     assert_close(out, want_out, tol.out, "out")
     assert_close(lse, want_lse, tol.lse, "lse")
     for name, got, want, need in zip(
-        NAMES, grads, oracle_grads(case, dout, dropout_p, philox), needs, strict=True
+        GRAD_NAMES, grads, oracle_grads(case, dout, dropout_p, philox), needs, strict=True
     ):
         if need:
             assert_close(got, want, tol.grad, name)
@@ -88,7 +86,7 @@ def test_gradients_not_needed_are_skipped(needs):
     philox = philox_state(5, 0)
     _, grads = check(case, 0.1, philox, needs)
     _, _, _, full = run(case, 0.1, philox)
-    for name, got, want, need in zip(NAMES, grads, full, needs, strict=True):
+    for name, got, want, need in zip(GRAD_NAMES, grads, full, needs, strict=True):
         if need:
             assert torch.equal(got, want), name  # the same arithmetic, whatever else is computed
         else:
@@ -102,6 +100,6 @@ def test_same_mask_on_any_thread_count():
     torch.set_num_threads(2)  # the one_thread fixture restores the count
     two = run(case, 0.5, philox)
     for name, a, b in zip(
-        ("out", "lse", "dout", *NAMES), (*one[:3], *one[3]), (*two[:3], *two[3]), strict=True
+        ("out", "lse", "dout", *GRAD_NAMES), (*one[:3], *one[3]), (*two[:3], *two[3]), strict=True
     ):
         assert torch.equal(a, b), name

@@ -9,9 +9,7 @@ from support.cpp_cases import (
     ENTRY_LENGTHS,
     TOLERANCES,
     assert_close,
-    cpp_kernels,  # noqa: F401  (fixture)
     make_case,
-    one_thread,  # noqa: F401  (fixture)
     oracle,
     with_mask,
 )

@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 from support.attention_cases import philox_state
-from support.cpp_cases import cpp_kernels  # noqa: F401  (fixture)
 
 from prefixrt import ops
 from prefixrt.ops import dropout as D

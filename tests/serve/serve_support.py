@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 import httpx
 import torch
 from support.paths import REPO_ROOT, SHARED_DATA
+
+from prefixrt.serve.bench import stop_process
 
 API_KEY = "test-key-123"
 STARTUP_TIMEOUT_S = 180  # imports and model build on a loaded 2-core machine
@@ -69,13 +70,7 @@ class Server:
         return out
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
 
 
 def start_server(args: list[str], log: Path) -> subprocess.Popen:

@@ -1,6 +1,6 @@
-"""What the kernel tests share (this module holds no tests): a call's arguments, per-dtype tolerances, and the
-comparison with the oracle. Each backend's case module (``test_cpp_cases``, ``test_triton_cases``) builds its
-own inputs and tolerance table on these."""
+"""What the kernel tests share (this module holds no tests): a call's arguments, per-dtype tolerances, the
+oracle's results, and the comparison with them. Each backend's case module (``cpp_cases``, ``triton_cases``)
+builds its own inputs and tolerance table on these."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from prefixrt.ops import AttentionArgs, BankLayer, StepPlan
+from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
+
+# The gradients of a call, in the order the backward returns them.
+GRAD_NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,24 @@ class Case:
     @property
     def dtype(self) -> torch.dtype:
         return self.q.dtype
+
+
+def reference_outputs(
+    case: Case, dropout_p: float = 0.0, philox: torch.Tensor | None = None, *, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``prefix_attention_reference`` on the case's values in ``dtype`` (with dropout: the
+    mask of ``philox``)."""
+    return prefix_attention_reference(*case.args_as(dtype), dropout_p, philox)
+
+
+def reference_gradients(
+    case: Case,
+    dout: torch.Tensor,
+    dropout_p: float = 0.0,
+    philox: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv, dbank_k, dbank_v)`` of ``prefix_attention_reference_backward`` in ``dtype`` (with dropout:
+    the mask of ``philox``)."""
+    return prefix_attention_reference_backward(dout.to(dtype), *case.args_as(dtype), dropout_p, philox)

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 
 from prefixrt.ops.cpp import build as cpp_build
-from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
-from support.attention_cases import Case, Tolerance, philox_state  # noqa: F401  (re-exported to the tests)
+from support.attention_cases import (  # noqa: F401  (re-exported)
+    GRAD_NAMES,
+    Case,
+    Tolerance,
+    philox_state,
+    reference_gradients,
+    reference_outputs,
+)
 from support.attention_cases import assert_close as shared_assert_close
 from support.threads import one_thread  # noqa: F401  (the fixture, for the C++ test modules)
 
@@ -89,16 +96,10 @@ def with_mask(case: Case, mask: torch.Tensor | None) -> Case:
     return replace(case, key_padding_mask=mask)
 
 
-def oracle(case: Case, dropout_p: float = 0.0, philox: torch.Tensor | None = None):
-    """``(out, lse)`` of the reference in fp64 on the case's exact values (with dropout: ``philox``'s mask)."""
-    return prefix_attention_reference(*case.double_args(), dropout_p, philox)
-
-
-def oracle_grads(
-    case: Case, dout: torch.Tensor, dropout_p: float = 0.0, philox: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv, dbank_k, dbank_v)`` of the reference in fp64 (with dropout: ``philox``'s mask)."""
-    return prefix_attention_reference_backward(dout.double(), *case.double_args(), dropout_p, philox)
+# The oracle runs in fp64 on the case's exact values: ``oracle(case, dropout_p=0.0, philox=None)`` is
+# ``(out, lse)``, ``oracle_grads(case, dout, dropout_p=0.0, philox=None)`` is ``(dq, dk, dv, dbank_k, dbank_v)``.
+oracle = partial(reference_outputs, dtype=torch.float64)
+oracle_grads = partial(reference_gradients, dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,16 @@ import prefixrt
 VOCAB = 120
 
 
-def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+def _seeded_model(model_class, config_class, seed: int, config: dict, overrides: dict):
+    """``model_class`` on ``config`` updated with ``overrides``, its weights drawn after ``torch.manual_seed(seed)``;
+    in eval mode, with no parameter requiring grad."""
     torch.manual_seed(seed)
+    model = model_class(config_class(**{**config, **overrides})).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     config = dict(
         n_layer=2,
         n_head=2,
@@ -20,37 +28,19 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
         eos_token_id=1,
         pad_token_id=1,
     )
-    config.update(overrides)
-    model = GPT2LMHeadModel(GPT2Config(**config)).eval()
-    model.requires_grad_(False)
-    return model
+    return _seeded_model(GPT2LMHeadModel, GPT2Config, seed, config, overrides)
 
 
 def tiny_bart(seed: int = 0, **overrides) -> BartForConditionalGeneration:
-    torch.manual_seed(seed)
     config = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        max_position_embeddings=128,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
-        forced_bos_token_id=None,
-        dropout=0.0,
-        attention_dropout=0.0,
-    )
-    config.update(overrides)
-    model = BartForConditionalGeneration(BartConfig(**config)).eval()
-    model.requires_grad_(False)
-    return model
+        vocab_size=VOCAB, d_model=32,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=128,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        forced_eos_token_id=None, forced_bos_token_id=None,
+        dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    return _seeded_model(BartForConditionalGeneration, BartConfig, seed, config, overrides)
 
 
 def random_kv(spec, length: int, generator: torch.Generator, sites=None, scale: float = 1.0) -> dict:
@@ -81,4 +71,16 @@ def left_padded(lengths, total: int, seed: int = 0, pad: int = 1):
     for row, n in enumerate(lengths):
         mask[row, total - n :] = 1
         ids[row, : total - n] = pad
+    return ids, mask
+
+
+def left_padded_prompts(prompts, pad: int = 1):
+    """(input_ids, attention_mask) of the given 1-D prompts, left-padded with ``pad`` to the longest one (as
+    ``generate`` wants)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return ids, mask

@@ -7,11 +7,20 @@ entry lengths; ``TOLERANCES`` is the one table per dtype every Triton test compa
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from prefixrt.ops.reference import prefix_attention_reference, prefix_attention_reference_backward
-from support.attention_cases import Case, Tolerance, assert_close, philox_state  # noqa: F401  (re-exported)
+from support.attention_cases import (  # noqa: F401  (re-exported)
+    GRAD_NAMES,
+    Case,
+    Tolerance,
+    assert_close,
+    philox_state,
+    reference_gradients,
+    reference_outputs,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -95,19 +104,10 @@ def make_case(
                 offsets.to(DEVICE), padding_mask(batch, k_len, padding), causal, head_dim**-0.5)  # fmt: skip
 
 
-def reference(case: Case, dropout_p: float = 0.0, philox: torch.Tensor | None = None):
-    """``(out, lse)`` of the oracle in fp32 (with dropout: the mask of ``philox``)."""
-    return prefix_attention_reference(*case.float_args(), dropout_p, philox)
-
-
-def reference_grads(
-    case: Case, dout: torch.Tensor, dropout_p: float = 0.0, philox: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv, dbank_k, dbank_v)`` of the oracle in fp32 (with dropout: the mask of ``philox``)."""
-    return prefix_attention_reference_backward(dout.float(), *case.float_args(), dropout_p, philox)
-
-
-GRAD_NAMES = ("dq", "dk", "dv", "dbank_k", "dbank_v")
+# The oracle in fp32: ``reference(case, dropout_p=0.0, philox=None)`` is ``(out, lse)``,
+# ``reference_grads(case, dout, dropout_p=0.0, philox=None)`` is ``(dq, dk, dv, dbank_k, dbank_v)``.
+reference = partial(reference_outputs, dtype=torch.float32)
+reference_grads = partial(reference_gradients, dtype=torch.float32)
 
 
 def unused_entries(case: Case) -> list[int]:
