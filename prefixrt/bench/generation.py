@@ -109,6 +109,8 @@ def peft_style_generate(model, bank, input_ids, prefix_ids, workload: Workload) 
     """PEFT's way: one batch per prefix, the prefix copied into the cache and the mask extended."""
     from transformers import DynamicCache
 
+    from prefixrt.hf.kv_cache import cache_keyword
+
     out = torch.empty(
         input_ids.shape[0],
         workload.prompt_len + workload.new_tokens,
@@ -125,7 +127,10 @@ def peft_style_generate(model, bank, input_ids, prefix_ids, workload: Workload) 
             cache.update(k, v, layer)
         mask = torch.ones(rows.numel(), kv.shape[3] + input_ids.shape[1], dtype=torch.long, device=kv.device)
         out[rows] = model.generate(
-            input_ids[rows], attention_mask=mask, past_key_values=cache, **_generate_kwargs(workload)
+            input_ids[rows],
+            attention_mask=mask,
+            **{cache_keyword(model): cache},
+            **_generate_kwargs(workload),
         )
     return out
 

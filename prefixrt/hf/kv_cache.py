@@ -63,6 +63,14 @@ def _has(cache: Any, kind: type) -> bool:
     return any(isinstance(layer, kind) for layer in getattr(cache, "layers", []) or [])
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword that hands ``model.forward`` / ``generate`` a KV cache: ``cache`` in transformers >= 5.2x
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def output_cache(outputs: Any) -> Any:
     """The KV cache of a model output (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
     for key in ("cache", "past_key_values"):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from prefixrt.engine import SamplingParams
+from prefixrt.hf.kv_cache import cache_keyword
 from prefixrt.serve.engine_loop import End, Handle, Update
 
 __all__ = ["HFGenerateLoop"]
@@ -171,7 +172,7 @@ class HFGenerateLoop:
             model.generate(
                 ids,
                 attention_mask=mask,
-                past_key_values=past,
+                **{cache_keyword(model): past},
                 streamer=streamer,
                 stopping_criteria=criteria_cls([cancelled]),
                 **kwargs,
