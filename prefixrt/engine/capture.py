@@ -41,16 +41,19 @@ class GraphedDecode:
         self.graph = None
         self.key = None
         self.stable = 0
+        # The decode plan the graph was captured with: held here, so the tensors the graph reads stay alive
+        # whatever else frees plans, and compared by identity (an id() could be reused by a later plan).
+        self.plan = None
 
     def _composition(self):
         b = self.batch
         gen = b.stores["gen"]
-        return (tuple(b.row_item), tuple(b.item_prefix), tuple(b.item_view), gen.uniform(), id(b.plan()))
+        return (tuple(b.row_item), tuple(b.item_prefix), tuple(b.item_view), gen.uniform())
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        key = self._composition()
-        if key != self.key:
-            self.key, self.stable, self.graph = key, 0, None
+        key, plan = self._composition(), self.batch.plan()
+        if key != self.key or plan is not self.plan:
+            self.key, self.plan, self.stable, self.graph = key, plan, 0, None
         self.stable += 1
         if self.failed or self.stable < self.min_stable:
             return self.batch.decode(tokens)
