@@ -22,6 +22,8 @@ Conventions shared by every backend
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from prefixrt.ops.dropout import (
@@ -189,20 +191,11 @@ def _probs(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(scores - safe_lse[..., None])
 
 
+_FORWARD_SIGNATURE = inspect.signature(prefix_attention_reference)
+
+
 def prefix_attention_reference_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bank_k: torch.Tensor,
-    bank_v: torch.Tensor,
-    prefix_ids: torch.Tensor,
-    bank_offsets: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    philox: torch.Tensor | None = None,
+    dout: torch.Tensor, *args, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explicit gradients of :func:`prefix_attention_reference`, in fp32.
 
@@ -219,6 +212,12 @@ def prefix_attention_reference_backward(
     dq ``[B, H, Tq, D]``, dk ``[B, H, Tk, D]``, dv ``[B, H, Tk, D]``, dbank_k ``[H, S, D]``, dbank_v ``[H, S, D]``,
     each in its input's dtype.
     """
+    # The same arguments as the forward, bound by its signature (one argument list for both).
+    bound = _FORWARD_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    q, k, v, bank_k, bank_v, prefix_ids, bank_offsets, key_padding_mask, causal, scale, dropout_p, philox = (
+        bound.arguments.values()
+    )
     tq = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dropout_p = check_dropout_p(dropout_p)
