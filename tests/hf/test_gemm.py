@@ -24,7 +24,7 @@ def _linear(kind: str, bias: bool = True) -> nn.Module:
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "linear_no_bias"])
 @pytest.mark.parametrize("activation", [None, "gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu"])
-@pytest.mark.parametrize("shape", [(5, 24), (3, 7, 24), (1, 24)])
+@pytest.mark.parametrize("shape", [(5, 24), (3, 7, 24), (1, 24), (8, 24), (64, 24), (65, 24), (2, 50, 24)])
 def test_packed_gemm_computes_the_modules_forward(kind, activation, shape):
     module = _linear(kind.removesuffix("_no_bias"), bias=not kind.endswith("_no_bias"))
     act = None if activation is None else ACT2FN[activation]
@@ -37,6 +37,28 @@ def test_packed_gemm_computes_the_modules_forward(kind, activation, shape):
     # A non-contiguous input (a transposed view) gives the same.
     xt = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     torch.testing.assert_close(gemms(module, xt, act), want, atol=1e-5, rtol=1e-4)
+
+
+def test_every_row_count_runs_through_a_few_primitives():
+    """oneDNN keeps one primitive (~0.6 MB) per row count it has seen: a server seeing every row count would
+    grow by hundreds of MB. Row counts are bucketed, so after one pass over the buckets memory stays flat."""
+
+    def rss_kb() -> int:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    torch.manual_seed(0)
+    module = nn.Linear(256, 512).eval().requires_grad_(False)
+    gemms = Gemms([module], "packed")
+    inputs = [torch.randn(m, 256) for m in range(1, 400)]
+    with torch.no_grad():
+        for x in inputs[:64]:  # every bucket once
+            gemms(module, x)
+        before = rss_kb()
+        for x in inputs:
+            torch.testing.assert_close(gemms(module, x), module(x), atol=1e-5, rtol=1e-4)
+        grown = rss_kb() - before
+    assert grown < 8 * 1024, f"{grown} kB more after 399 row counts"
 
 
 def test_plain_gemms_run_the_module_itself():

@@ -10,8 +10,9 @@ GPT-2-small shapes, 32 rows: the four block matmuls 3.1 ms -> 2.2 ms, the 50257-
 Kinds:
 
 * ``"plain"`` -- the module's own forward (``nn.Linear`` / GPT-2's ``Conv1D``), exactly as Hugging Face runs it;
-* ``"packed"`` -- oneDNN on a packed copy of the weight (same fp32 math, a different summation order: logits
-  agree to ~1e-6, and greedy and beam tokens equal the plain ones on the benchmark workloads);
+* ``"packed"`` -- oneDNN on a packed copy of the weight for calls of up to 64 rows (decode steps; same fp32
+  math, a different summation order: logits agree to ~1e-6, and greedy and beam tokens equal the plain ones on
+  the benchmark workloads), the module's own forward for larger calls (prefill);
 * ``"auto"`` -- ``"packed"`` for fp32 weights on a CPU where torch was built with oneDNN, else ``"plain"``.
 
 Packing GPT-2-small takes about a second, so :func:`gemms_for` packs once per model (runners, the Engine's and
@@ -32,9 +33,14 @@ __all__ = ["GEMM_KINDS", "Gemms", "gemms_for", "release_gemms", "resolve_gemm", 
 
 GEMM_KINDS = ("auto", "packed", "plain")
 
-# oneDNN picks its blocked weight layout for an expected number of rows; decode steps run tens of rows, and the
-# layout chosen for 32 measured as fast as any at prefill's thousand rows too.
+# oneDNN picks its blocked weight layout for an expected number of rows; decode steps run tens of rows.
 ROWS_HINT = 32
+# oneDNN builds (and caches, up to 1024 of them) one primitive of ~0.6 MB per input row count: a server seeing
+# every row count would grow by hundreds of MB. So the packed GEMM takes row counts rounded up to a multiple of
+# ROW_BUCKET (the padding rows are zeros, their outputs dropped) up to PACKED_MAX_ROWS: at most 8 primitives a
+# weight shape. Above that (prefill), torch's F.linear, which measured as fast as the packed GEMM there.
+ROW_BUCKET = 8
+PACKED_MAX_ROWS = 64
 
 
 def packed_available() -> bool:
@@ -95,6 +101,7 @@ class _PackedLinear:
     """``x [..., in] -> act(x @ W^T + b) [..., out]`` through oneDNN on ``W`` reordered once."""
 
     def __init__(self, module: nn.Module):
+        self.module = module
         weight = weight_out_in(module).detach()
         self.out_features = weight.shape[0]
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
@@ -103,12 +110,19 @@ class _PackedLinear:
 
     def __call__(self, x: torch.Tensor, activation=None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if not flat.is_contiguous():
+        rows = flat.shape[0]
+        if rows > PACKED_MAX_ROWS or rows == 0:
+            out = self.module(x.contiguous())  # GPT-2's Conv1D views its input
+            return out if activation is None else activation(out)
+        bucket = -(-rows // ROW_BUCKET) * ROW_BUCKET
+        if bucket != rows:
+            flat = torch.cat([flat, flat.new_zeros(bucket - rows, flat.shape[1])])
+        elif not flat.is_contiguous():
             flat = flat.contiguous()
         fused = _fused(activation)
         attr, algorithm = fused or ("none", "")
         out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, attr, [], algorithm)
-        out = out.view(*x.shape[:-1], self.out_features)
+        out = out[:rows].view(*x.shape[:-1], self.out_features)
         return out if fused is not None else activation(out)
 
 
