@@ -3,9 +3,8 @@
 On a CPU, torch's default fp32 matmul (``F.linear``) repacks the weight into the BLAS kernel's blocked layout at
 every call. vLLM's CPU backend instead reorders each weight once into oneDNN's layout and calls oneDNN's inner
 product on it; torch exposes the same two steps (``torch.ops.mkldnn._reorder_linear_weight`` and
-``torch.ops.mkldnn._linear_pointwise``), which is what ``"packed"`` uses. Measured on a 2-core AVX2 EPYC at
-GPT-2-small shapes, 32 rows: the four block matmuls 3.1 ms -> 2.2 ms, the 50257-wide output layer 19.7 ms ->
-14.9 ms (``benchmarks/results/generate_cpu.md``).
+``torch.ops.mkldnn._linear_pointwise``), which is what ``"packed"`` uses. ``prefixrt bench generate`` measures
+both, as weight-GEMM floors and as the Engine with each (``benchmarks/results/generate_cpu.md``).
 
 Kinds:
 
@@ -98,10 +97,10 @@ def _fused(activation) -> tuple[str, str] | None:
 
 
 class _PackedLinear:
-    """``x [..., in] -> act(x @ W^T + b) [..., out]`` through oneDNN on ``W`` reordered once."""
+    """``x [..., in] -> act(x @ W^T + b) [..., out]`` through oneDNN on ``W`` reordered once, for calls of
+    1 .. PACKED_MAX_ROWS rows."""
 
     def __init__(self, module: nn.Module):
-        self.module = module
         weight = weight_out_in(module).detach()
         self.out_features = weight.shape[0]
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
@@ -111,9 +110,6 @@ class _PackedLinear:
     def __call__(self, x: torch.Tensor, activation=None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
-        if rows > PACKED_MAX_ROWS or rows == 0:
-            out = self.module(x.contiguous())  # GPT-2's Conv1D views its input
-            return out if activation is None else activation(out)
         bucket = -(-rows // ROW_BUCKET) * ROW_BUCKET
         if bucket != rows:
             flat = torch.cat([flat, flat.new_zeros(bucket - rows, flat.shape[1])])
@@ -153,9 +149,9 @@ class Gemms:
         """``activation(module(x))`` (``activation`` None: ``module(x)``); packed, the activation runs inside the
         GEMM when oneDNN has it (GELU, tanh-approximated or erf, and ReLU)."""
         packed = self._packed.get(module)
-        if packed is not None:
+        if packed is not None and 0 < x.numel() // x.shape[-1] <= PACKED_MAX_ROWS:
             return packed(x, activation)
-        out = module(x)
+        out = module(x.contiguous())  # GPT-2's Conv1D views its input
         return out if activation is None else activation(out)
 
     def fresh(self) -> bool:
@@ -167,7 +163,7 @@ def _stamp(packed: dict[nn.Module, _PackedLinear]) -> tuple:
     return tuple((m.weight.data_ptr(), m.weight._version) for m in packed)
 
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: Gemms}
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its packed Gemms
 
 
 def gemms_for(model: nn.Module, modules: Iterable[nn.Module], kind: str) -> Gemms:
@@ -175,10 +171,9 @@ def gemms_for(model: nn.Module, modules: Iterable[nn.Module], kind: str) -> Gemm
     the model lives and its weights stay as they are."""
     if kind == "plain":
         return Gemms((), "plain")
-    per_model = _CACHE.setdefault(model, {})
-    gemms = per_model.get(kind)
+    gemms = _CACHE.get(model)
     if gemms is None or not gemms.fresh():
-        gemms = per_model[kind] = Gemms(modules, kind)
+        gemms = _CACHE[model] = Gemms(modules, kind)
     return gemms
 
 
