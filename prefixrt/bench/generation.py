@@ -32,7 +32,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["ATTACHED", "METHODS", "Workload", "build", "matmul_floor", "measure", "run_method", "uncompile"]
+__all__ = [
+    "ATTACHED",
+    "METHODS",
+    "Workload",
+    "build",
+    "matmul_floor",
+    "measure",
+    "process_peak_rss",
+    "run_method",
+    "uncompile",
+]
 
 METHODS = (
     "peft_style",
@@ -207,6 +217,17 @@ def _status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def process_peak_rss(device: torch.device | str = "cpu") -> int | None:
+    """On a CPU, the whole process's peak resident memory (bytes) since :func:`measure` last reset it (Linux
+    ``VmHWM``); None on CUDA or where /proc is unavailable."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        return _status_kb("VmHWM") * 1024
+    except OSError:
+        return None
 
 
 def measure(fn, device: torch.device | str = "cpu") -> tuple[object, float, int | None]:

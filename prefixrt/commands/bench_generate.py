@@ -168,7 +168,7 @@ def _time_methods(args, model, bank, input_ids, prefix_ids, workload) -> list[di
     """Every method ``args.repeats`` times (order rotated); one result per method, its fastest run."""
     import torch
 
-    from prefixrt.bench.generation import measure, run_method
+    from prefixrt.bench.generation import measure, process_peak_rss, run_method
     from prefixrt.commands.bench import _load
 
     outputs, runs = {}, {m: [] for m in args.methods}
@@ -185,7 +185,7 @@ def _time_methods(args, model, bank, input_ids, prefix_ids, workload) -> list[di
                 {
                     "seconds": seconds,
                     "peak_memory_bytes": peak,
-                    "process_peak_rss_bytes": _process_peak_rss(args.device),
+                    "process_peak_rss_bytes": process_peak_rss(args.device),
                     "load_before": load,
                     "load_after": _load(),
                 }
@@ -217,20 +217,6 @@ def _time_methods(args, model, bank, input_ids, prefix_ids, workload) -> list[di
             row["same_tokens_as_hf_attached"] = bool(torch.equal(outputs[method], reference))
         results.append(row)
     return results
-
-
-def _process_peak_rss(device: str) -> int | None:
-    """The process's peak resident memory since the last VmHWM reset (bytes), on Linux CPUs; else None."""
-    if device != "cpu":
-        return None
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _prepare(model, bank, method: str, backend: str) -> None:
