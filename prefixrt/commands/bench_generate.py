@@ -253,10 +253,8 @@ def _warm_up(args, model, bank, input_ids, prefix_ids, workload) -> dict:
         _prepare(model, bank, "hf_compiled", args.backend)
         start = time.perf_counter()
         run_method("hf_compiled", model, bank, input_ids, prefix_ids, workload)
-        startup[f"hf_compiled_P{workload.prefix_len}"] = time.perf_counter() - start
-        print(
-            f"  P={workload.prefix_len:<4} hf_compiled first run (compiles): {startup[f'hf_compiled_P{workload.prefix_len}']:.1f} s"
-        )
+        seconds = startup[f"hf_compiled_P{workload.prefix_len}"] = time.perf_counter() - start
+        print(f"  P={workload.prefix_len:<4} hf_compiled first run (compiles): {seconds:.1f} s")
     return startup
 
 
