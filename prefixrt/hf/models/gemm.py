@@ -37,7 +37,8 @@ ROWS_HINT = 32
 # oneDNN builds (and caches, up to 1024 of them) one primitive of ~0.6 MB per input row count: a server seeing
 # every row count would grow by hundreds of MB. So the packed GEMM takes row counts rounded up to a multiple of
 # ROW_BUCKET (the padding rows are zeros, their outputs dropped) up to PACKED_MAX_ROWS: at most 8 primitives a
-# weight shape. Above that (prefill), torch's F.linear, which measured as fast as the packed GEMM there.
+# weight shape, all built at the first call of each (weight, post-op). Above that (prefill), torch's F.linear,
+# which measured as fast as the packed GEMM there.
 ROW_BUCKET = 8
 PACKED_MAX_ROWS = 64
 
@@ -106,6 +107,15 @@ class _PackedLinear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
         bias = getattr(module, "bias", None)
         self.bias = None if bias is None else bias.detach().contiguous()
+        self._primed: set[tuple[str, str]] = set()
+
+    def _prime(self, attr: str, algorithm: str, width: int, like: torch.Tensor) -> None:
+        """Build oneDNN's primitive for every row bucket of this (weight, post-op) at its first use, so that a
+        long-running server's memory does not creep up as rarer row counts appear later."""
+        for bucket in range(ROW_BUCKET, PACKED_MAX_ROWS + 1, ROW_BUCKET):
+            zeros = like.new_zeros(bucket, width)
+            torch.ops.mkldnn._linear_pointwise(zeros, self.weight, self.bias, attr, [], algorithm)
+        self._primed.add((attr, algorithm))
 
     def __call__(self, x: torch.Tensor, activation=None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -117,6 +127,8 @@ class _PackedLinear:
             flat = flat.contiguous()
         fused = _fused(activation)
         attr, algorithm = fused or ("none", "")
+        if (attr, algorithm) not in self._primed:
+            self._prime(attr, algorithm, flat.shape[1], flat)
         out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, attr, [], algorithm)
         out = out[:rows].view(*x.shape[:-1], self.out_features)
         return out if fused is not None else activation(out)
