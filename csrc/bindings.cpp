@@ -24,5 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dropout multipliers of elements (b, h, i, j) as the kernels draw them", py::arg("coords"),
         py::arg("heads"), py::arg("q_len"), py::arg("key_stride"), py::arg("seed"),
         py::arg("offset"), py::arg("threshold"), py::arg("dropout_scale"));
+  m.def("philox_dropout", &prefixrt::philox_dropout,
+        "elementwise dropout: element n kept iff Philox word 0 at counter offset + n >= threshold",
+        py::arg("x"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
+        py::arg("dropout_scale"));
   m.def("simd_isa", &prefixrt::simd_isa, "the SIMD path this build was compiled for");
 }

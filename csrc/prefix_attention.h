@@ -178,6 +178,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 at::Tensor dropout_mask(const at::Tensor& coords, int64_t H, int64_t Tq, int64_t key_stride,
                         int64_t seed, int64_t offset, int64_t threshold, double dropout_scale);
 
+// x with each element n kept (scaled by dropout_scale) iff word 0 of Philox at counter offset + n
+// is >= threshold, else zeroed (elementwise_dropout.cpp); its own backward on the gradient.
+at::Tensor philox_dropout(const at::Tensor& x, int64_t seed, int64_t offset, int64_t threshold,
+                          double dropout_scale);
+
 // A string naming the SIMD path this build was compiled for ("avx2" or "default").
 inline std::string simd_isa() {
 #if defined(CPU_CAPABILITY_AVX2)

@@ -8,7 +8,11 @@ fused kernel, as ``prefixrt train`` and HF's Trainer use it).
 Arms (same model, same rows):
 
 * ``prefixrt`` -- :class:`prefixrt.PrefixTuner` attached to the model, one mixed batch of every task's rows per
-  step (what ``prefixrt train`` runs);
+  step, the loss of :func:`prefixrt.train.lm_loss`, the model's dropout and GELU modules swapped for prefixrt's
+  (:func:`prefixrt.hf.fast_training_modules`): what ``prefixrt train`` runs;
+* ``prefixrt_torch_modules`` -- GPT-2 only (the one whose modules are swapped): ``prefixrt`` with torch's own
+  dropout and GELU modules, as ``prefixrt train --torch-modules``; against ``frozen_base`` it isolates what the
+  prefixes cost;
 * ``peft`` -- HF PEFT's own prefix tuning, one adapter per task, one task per step (``tasks`` steps of
   ``rows_per_task`` rows make one step of the same rows): PEFT cannot mix prefixes in a batch;
 * ``prefixrt_peft_sites`` -- BART only: prefixrt on the sites PEFT trains (decoder self-attention and
@@ -29,12 +33,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["ARMS", "PEFT_SITES", "TrainWorkload", "build_model", "run_arm"]
+__all__ = ["ARMS", "PEFT_SITES", "SWAPPED_MODULES", "TrainWorkload", "build_model", "run_arm"]
 
-ARMS = ("prefixrt", "peft", "frozen_base", "prefixrt_peft_sites")
+ARMS = ("prefixrt", "peft", "frozen_base", "prefixrt_peft_sites", "prefixrt_torch_modules")
 PEFT_SITES = {
     "bart": ("decoder", "cross")
 }  # the sites PEFT's prefix tuning trains, where they differ from ours
+SWAPPED_MODULES = ("gpt2",)  # the models whose modules fast_training_modules swaps (dropout, tanh GELU)
 
 
 @dataclass(frozen=True)
@@ -109,10 +114,13 @@ def _timed(step, workload: TrainWorkload) -> dict:
     }
 
 
-def _prefixrt(model, workload: TrainWorkload, backend: str, sites=None) -> dict:
+def _prefixrt(model, workload: TrainWorkload, backend: str, sites=None, fast_modules: bool = True) -> dict:
+    import contextlib
+
     import prefixrt
-    from prefixrt.hf import binding_of
+    from prefixrt.hf import binding_of, fast_training_modules
     from prefixrt.ops import AttentionCall, select_backend
+    from prefixrt.train import lm_loss
 
     names = [f"task{i}" for i in range(workload.tasks)]
     tuner = prefixrt.PrefixTuner(
@@ -127,7 +135,9 @@ def _prefixrt(model, workload: TrainWorkload, backend: str, sites=None) -> dict:
     prefix_ids = torch.arange(workload.rows) // workload.rows_per_task
     optimizer = torch.optim.AdamW(tuner.parameters(), lr=workload.lr, fused=True)  # as prefixrt train
     tuner.attach(model, backend=backend)
+    modules = contextlib.ExitStack()
     try:
+        swapped = modules.enter_context(fast_training_modules(model)) if fast_modules else 0
         spec = next(iter(tuner.spec.sites.values()))
         q = torch.empty(1, spec.num_heads, workload.seq_len, spec.head_dim)
         dropout = float(getattr(model.config, "attn_pdrop", getattr(model.config, "attention_dropout", 0.0)))
@@ -135,7 +145,7 @@ def _prefixrt(model, workload: TrainWorkload, backend: str, sites=None) -> dict:
         ran = select_backend(binding_of(model).backend, call).name
 
         def step():
-            loss = model(**batch, prefix_ids=prefix_ids).loss
+            loss = lm_loss(model, batch, prefix_ids)[0]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -143,8 +153,10 @@ def _prefixrt(model, workload: TrainWorkload, backend: str, sites=None) -> dict:
 
         result = _timed(step, workload)
     finally:
+        modules.close()
         tuner.detach(model)
     result["backend"] = ran
+    result["swapped_modules"] = swapped
     result["trainable_parameters"] = sum(p.numel() for p in tuner.parameters())
     return result
 
@@ -218,6 +230,12 @@ def run_arm(name: str, workload: TrainWorkload, backend: str = "auto") -> dict:
                 f"prefixrt_peft_sites is for {sorted(PEFT_SITES)}: on {workload.model} it is prefixrt"
             )
         return _prefixrt(model, workload, backend, sites=PEFT_SITES[workload.model])
+    if name == "prefixrt_torch_modules":
+        if workload.model not in SWAPPED_MODULES:
+            raise ValueError(
+                f"prefixrt_torch_modules is for {list(SWAPPED_MODULES)}: on {workload.model} it is prefixrt"
+            )
+        return _prefixrt(model, workload, backend, fast_modules=False)
     if name == "peft":
         return _peft(model, workload)
     if name == "frozen_base":

@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from prefixrt.bench.training import PEFT_SITES, TrainWorkload, run_arm
+    from prefixrt.bench.training import PEFT_SITES, SWAPPED_MODULES, TrainWorkload, run_arm
     from prefixrt.commands.bench import _load
     from prefixrt.commands.bench import environment as bench_environment
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             small=args.small,
         )
-        arms = [a for a in args.arms if a != "prefixrt_peft_sites" or model_kind in PEFT_SITES]
+        only = {"prefixrt_peft_sites": PEFT_SITES, "prefixrt_torch_modules": SWAPPED_MODULES}
+        arms = [a for a in args.arms if model_kind in only.get(a, (model_kind,))]
         runs: dict[str, list[dict]] = {a: [] for a in arms}
         for round_ in range(args.repeats):
             shift = round_ % len(arms)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 result.update(load_before=load, load_after=_load())
                 runs[arm].append(result)
                 print(
-                    f"  {model_kind:<5} P={prefix_len:<4} {arm:<19} {result['step_s']:8.2f} s/step  "
+                    f"  {model_kind:<5} P={prefix_len:<4} {arm:<22} {result['step_s']:8.2f} s/step  "
                     f"{result['tokens_per_s']:8.1f} tok/s  (load {load:.1f})",
                     flush=True,
                 )
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
             if "peft" in best and "prefixrt_peft_sites" in best:  # the same sites, the same work
                 entry["speedup_vs_peft_on_its_sites"] = (
                     best["prefixrt_peft_sites"]["tokens_per_s"] / best["peft"]["tokens_per_s"]
+                )
+            if "frozen_base" in best and "prefixrt_torch_modules" in best:  # the prefixes' own cost
+                entry["torch_modules_fraction_of_frozen_base"] = (
+                    best["prefixrt_torch_modules"]["tokens_per_s"] / best["frozen_base"]["tokens_per_s"]
                 )
             if "frozen_base" in best:
                 entry["fraction_of_frozen_base"] = ours / best["frozen_base"]["tokens_per_s"]
@@ -131,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(results: list[dict], summary: list[dict]) -> None:
-    print(f"\n{'model':<6} {'P':>4}  {'arm':<19} {'s/step':>8} {'tok/s':>8} {'loss':>8}")
+    print(f"\n{'model':<6} {'P':>4}  {'arm':<22} {'s/step':>8} {'tok/s':>8} {'loss':>8}")
     for r in results:
         print(
-            f"{r['model']:<6} {r['prefix_len']:>4}  {r['arm']:<19} {r['step_s']:8.2f} {r['tokens_per_s']:8.1f} "
+            f"{r['model']:<6} {r['prefix_len']:>4}  {r['arm']:<22} {r['step_s']:8.2f} {r['tokens_per_s']:8.1f} "
             f"{r['last_loss']:8.3f}"
         )
     for s in summary:
@@ -149,6 +154,10 @@ def _print_table(results: list[dict], summary: list[dict]) -> None:
             parts.append(
                 f"{s['fraction_of_frozen_base']:.0%} of the frozen base (target >= "
                 f"{TARGETS['fraction_of_frozen_base']:.0%})"
+            )
+        if "torch_modules_fraction_of_frozen_base" in s:
+            parts.append(
+                f"with torch's own dropout and GELU {s['torch_modules_fraction_of_frozen_base']:.0%} of it"
             )
         print(
             f"{s['model']} P={s['prefix_len']}: prefixrt ({s.get('prefixrt_backend')}) at " + ", ".join(parts)

@@ -144,6 +144,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rows per forward/backward inside a batch, gradients accumulated (the same update); for devices "
         "where a smaller batch runs faster (default: the whole batch)",
     )
+    opt.add_argument(
+        "--torch-modules",
+        action="store_true",
+        help="keep torch's own dropout and GELU modules on the CPU (default: prefixrt's vectorized Philox "
+        "dropout and the fused tanh GELU while training)",
+    )
 
     ev = parser.add_argument_group("dev evaluation")
     ev.add_argument(
@@ -392,6 +398,7 @@ def _train_one(
         eval_every=args.eval_every,
         eval_hook=_generation_hook(args, tokenizer, dev_examples, kinds, limits, prefix_id_of),
         micro_batch_size=args.micro_batch_size,
+        fast_modules=not args.torch_modules,
         dist=dist,
     )
     result = finetune(model, data, options) if tuner is None else train(model, tuner, data, options)

@@ -7,6 +7,7 @@ from prefixrt.hf.backend_choice import training_backend
 from prefixrt.hf.generation.prepare import UnsupportedContinuousBatching
 from prefixrt.hf.kv_cache import UnsupportedCache
 from prefixrt.hf.text_prefix import add_text_prefix
+from prefixrt.hf.training_modules import fast_training_modules
 
 __all__ = [
     "PrefixSource",
@@ -18,6 +19,7 @@ __all__ = [
     "attention_sites",
     "binding_of",
     "detach",
+    "fast_training_modules",
     "is_attached",
     "training_backend",
 ]

@@ -119,6 +119,10 @@ class RunOptions:
     micro_batch_size : int, optional
         Rows per forward/backward inside a batch (gradients accumulated, so the update is the whole batch's);
         where a smaller batch runs faster on the device (caches, memory). Default: the whole batch at once.
+    fast_modules : bool
+        While training on the CPU, run the frozen model's dropout and tanh-GELU modules as prefixrt's
+        vectorized Philox dropout and torch's fused GELU (:func:`prefixrt.hf.fast_training_modules`; the
+        originals are back afterwards). Default True; False keeps torch's own modules (and its dropout masks).
     dist : Dist, optional
         The process group (default :meth:`Dist.current`): with several processes the data are sharded with
         :class:`~prefixrt.tasks.MixedTaskBatchSampler`, the trained gradients are summed with ``all_reduce``, and
@@ -139,6 +143,7 @@ class RunOptions:
     eval_every: int | None = None
     eval_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None
     micro_batch_size: int | None = None
+    fast_modules: bool = True
     dist: Dist | None = None
 
     def __post_init__(self) -> None:

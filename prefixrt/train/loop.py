@@ -17,6 +17,7 @@ are summed with ``all_reduce``, and the normalization and the per-task update ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -345,6 +346,11 @@ def run_training(
 
         bar = tqdm(total=total_steps, initial=step, desc=target.title, unit="step", file=sys.stderr)
     target.enter(model)
+    modules = contextlib.ExitStack()
+    if options.fast_modules:
+        from prefixrt.hf import fast_training_modules
+
+        modules.enter_context(fast_training_modules(model))
     checkpointing_was = None
     if config.gradient_checkpointing:
         checkpointing_was = set_gradient_checkpointing(model, True)
@@ -430,6 +436,7 @@ def run_training(
         target.train(False)
         if checkpointing_was is False:
             set_gradient_checkpointing(model, False)
+        modules.close()
         target.exit(model)
     dist.barrier()  # rank 0's checkpoint is complete before any process goes on
     result = TrainResult(

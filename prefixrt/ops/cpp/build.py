@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["CppBuildError", "load_kernels", "kernels_or_reason", "source_dir", "simd_target"]
 
-_SOURCES = ("bindings.cpp", "prefix_attention_fwd.cpp", "prefix_attention_bwd.cpp")
+_SOURCES = ("bindings.cpp", "prefix_attention_fwd.cpp", "prefix_attention_bwd.cpp", "elementwise_dropout.cpp")
 _EXPECTED_BUILD_S = 30  # an idle 2-core machine, gcc 12: about 15 s of CPU per translation unit
 
 
