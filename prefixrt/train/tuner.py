@@ -47,6 +47,7 @@ class PrefixView:
 
     def __init__(self, tuner: PrefixTuner, kv: dict[str, torch.Tensor]):
         self.tuner, self.kv, self.spec = tuner, kv, tuner.spec
+        self._layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def version(self) -> int:
@@ -65,8 +66,12 @@ class PrefixView:
 
     def layer_kv(self, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(bank_k, bank_v)``, each ``[H, S, D]``, of one (site, layer)."""
-        kv = self.kv[site]
-        return kv[layer, 0], kv[layer, 1]
+        # One unbind per site, not two indexings per layer: each indexing's backward writes its gradient into a
+        # zeroed tensor of the whole site's K/V (BART, P=200, 8 tasks: 36 fills of 177 MB a step).
+        layers = self._layers.get(site)
+        if layers is None:
+            layers = self._layers[site] = [tuple(kv.unbind(0)) for kv in self.kv[site].unbind(0)]
+        return layers[layer]
 
     def check_ids(self, prefix_ids: torch.Tensor, argument: str = "prefix_ids") -> None:
         self.tuner.check_ids(prefix_ids, argument)
