@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from prefixrt.ops.elementwise_dropout import philox_dropout
+
 __all__ = ["PhiloxDropout", "TanhGELU", "fast_training_modules"]
 
 
@@ -32,8 +34,6 @@ class PhiloxDropout(nn.Dropout):
     A subclass, so ``.p`` and ``isinstance(m, nn.Dropout)`` (HF reads ``attn_dropout.p``) keep working."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from prefixrt.ops.elementwise_dropout import philox_dropout
-
         return philox_dropout(x, self.p, self.training)
 
 

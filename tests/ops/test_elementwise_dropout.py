@@ -24,7 +24,11 @@ def kernel(x, p, philox):
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 11), (32, 64, 768), (2, 4097)])
 def test_kernel_equals_definition(dtype, p, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    for philox in (philox_state(31337, 1 << 33), philox_state(2**64 - 5, 2**32 - 3)):  # low word wraps
+    wraps = (philox_state(2**64 - 5, 2**32 - 3), philox_state(7, 2**63 - 50), philox_state(7, 2**64 - 100))
+    for philox in (
+        philox_state(31337, 1 << 33),
+        *wraps,
+    ):  # the low word, the sign bit, the whole counter wrap
         assert torch.equal(kernel(x, p, philox), dropout_reference(x, p, philox))
 
 
